@@ -1,0 +1,221 @@
+"""The codec contract (DESIGN.md §2): what one flat tensor becomes on the wire, and back.
+
+A codec is a small frozen dataclass of parameters with ``encode(x, info) -> Packet`` and
+``decode(packet, info) -> Tensor``. Its :class:`Kind` is the contract with the collective layer:
+
+* ``LINEAR`` codecs' packet fields can be summed across workers before decoding, so they are
+  reduced with all-reduce. The exchange may take several rounds (PowerSGD: P, then Q); a codec
+  declares that by overriding :meth:`Codec.exchange`, a generator that yields a packet per round
+  and receives the field-wise *sum* over workers, never calling a collective itself.
+* ``GATHER`` codecs must be decoded before summing: all-gather of variable-size packets.
+
+Randomness is derived from ``info`` (a seed per worker, step and tensor; a shared seed per step and
+tensor), so runs are reproducible and resume bit-exactly without checkpointing generator state.
+State that must persist (error-feedback residuals, PowerSGD's warm-start Q) lives in codecs that
+implement :class:`Stateful`, keyed by tensor name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from compressors.packet import Packet, PacketError
+
+
+class Kind(str, enum.Enum):
+    LINEAR = "linear"
+    GATHER = "gather"
+
+
+class CodecError(ValueError):
+    """Invalid codec name or parameters; the message names the key, the value and what is allowed."""
+
+
+_MASK = (1 << 63) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 over the parts)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _MASK
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a codec may know about the tensor it encodes (after hivemind's CompressionInfo)."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str = "grad"
+    worker: int = 0
+    world: int = 1
+    step: int = 0
+    seed: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def generator(self, device: torch.device, purpose: int = 0, shared: bool = False) -> torch.Generator:
+        """A fresh generator for this (worker, step, tensor, purpose); ``shared`` drops the worker."""
+        worker = -1 if shared else self.worker
+        g = torch.Generator(device=device)
+        g.manual_seed(mix_seed(self.seed, worker, self.step, hash_name(self.name), purpose))
+        return g
+
+
+def hash_name(name: str) -> int:
+    """A stable (process-independent) integer for a tensor name; Python's hash() is salted."""
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A codec with per-worker state that a checkpoint must carry (DESIGN.md: stateful methods)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+ExchangeGen = Generator[Packet, Packet, torch.Tensor]
+
+
+class Codec:
+    """Base class: subclasses are dataclasses whose fields are the codec's parameters."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+    summary: ClassVar[str] = ""
+    unbiased: ClassVar[bool] = False
+    #: True when the codec already compensates its own error (PowerSGD): EF is not stacked on it.
+    builtin_error_feedback: ClassVar[bool] = False
+
+    def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
+        raise NotImplementedError
+
+    def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_decode(self, x: torch.Tensor, info: TensorInfo) -> tuple[Packet, torch.Tensor]:
+        """Encode and return what the receiver will decode (error feedback needs both)."""
+        packet = self.encode(x, info)
+        return packet, self.decode(packet, info)
+
+    def exchange(self, x: torch.Tensor, info: TensorInfo) -> ExchangeGen:
+        """Linear protocol: yield this worker's packet per round, receive the field-wise sum over
+        workers, return the decoded *sum* (the collective divides by the number of workers)."""
+        reduced = yield self.encode(x, info)
+        return self.decode(reduced, info)
+
+    def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        """Combine the decoded contributions of all workers (gather kind): the weighted mean.
+        Codecs with another server rule (signSGD's majority vote) override this."""
+        total = float(sum(weights))
+        out = decoded[0] * (weights[0] / total)
+        for d, w in zip(decoded[1:], weights[1:]):
+            out = out.add(d, alpha=w / total)
+        return out
+
+    def check(self, packet: Packet, info: TensorInfo, n_fields: int) -> tuple[torch.Tensor, ...]:
+        """Validate that ``packet`` is ours and for this tensor; return its fields."""
+        if packet.codec != self.name:
+            raise PacketError(f"packet was made by codec {packet.codec!r}, cannot be decoded by {self.name!r}")
+        if packet.numel != info.numel:
+            raise PacketError(f"packet holds {packet.numel} elements, tensor {info.name!r} has {info.numel}")
+        if len(packet.fields) != n_fields:
+            raise PacketError(f"{self.name} packet needs {n_fields} fields, got {len(packet.fields)}")
+        return packet.fields
+
+    @classmethod
+    def params(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+
+    def describe_params(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.params())
+
+
+REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    if cls.name in REGISTRY:
+        raise CodecError(f"codec name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def codec_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def _allowed(field: dataclasses.Field) -> tuple[Any, ...] | None:
+    """``Literal[...]`` annotations are the closed set of allowed values."""
+    hint = field.type
+    if isinstance(hint, str):
+        hint = eval(hint, vars(typing))  # annotations are postponed strings; Literal/int/float only
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def _coerce(codec: str, field: dataclasses.Field, value: Any) -> Any:
+    allowed = _allowed(field)
+    if allowed is not None:
+        if value not in allowed:
+            raise CodecError(
+                f"compression.params.{field.name}={value!r} is not valid for codec {codec!r}; "
+                f"choose one of: {', '.join(map(repr, allowed))}"
+            )
+        return value
+    default = field.default
+    kind = type(default) if default is not dataclasses.MISSING else None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise CodecError(f"compression.params.{field.name}={value!r} for codec {codec!r} must be true or false")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CodecError(f"compression.params.{field.name}={value!r} for codec {codec!r} must be a number")
+        if kind is int and float(value) != int(value):
+            raise CodecError(f"compression.params.{field.name}={value!r} for codec {codec!r} must be an integer")
+        return kind(value)
+    return value
+
+
+def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
+    """Build a codec by config name, validating every parameter before anything runs."""
+    import compressors  # noqa: F401  (registers the built-in codecs)
+
+    if name not in REGISTRY:
+        raise CodecError(f"compression.codec={name!r} is not a codec; choose one of: {', '.join(REGISTRY)}")
+    cls = REGISTRY[name]
+    fields = {f.name: f for f in cls.params()}
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields) or "(none)"
+        raise CodecError(f"compression.params.{unknown[0]} is not a parameter of codec {name!r}; allowed: {allowed}")
+    kwargs = {k: _coerce(name, fields[k], v) for k, v in params.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CodecError(f"codec {name!r}: {err}") from err
