@@ -1,0 +1,184 @@
+"""Information-theory primitives shared by the entropy-coded codecs (ALGORITHMS.md §1).
+
+Gaussian rate–distortion ``R(D) = max(0, ½·log2(σ²/D))`` and the high-rate gap of entropy-coded
+scalar quantisation ``½·log2(πe/6)`` (§1.1); exact cell moments of N(0,1), a :class:`ScalarQuantizer`
+value (thresholds, levels, cell probabilities) with its distortion and output entropy; Lloyd–Max
+(fixed-rate MSE-optimal) design; Huffman code lengths (§1.3) and entropy.
+
+All design maths runs in float64 on the CPU: designs are small (at most a few thousand cells) and
+are made once, then cached by their users.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+#: ½·log2(πe/6): bits above R(D) paid by an entropy-coded uniform quantiser at high rate (§1.1).
+HIGH_RATE_GAP = 0.5 * math.log2(math.pi * math.e / 6)
+
+_F64 = torch.float64
+_INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
+
+
+def gaussian_rate(distortion: float, variance: float = 1.0) -> float:
+    """R(D) = max(0, ½·log2(σ²/D)) bits per sample for N(0, σ²) under MSE (§1.1)."""
+    if distortion <= 0:
+        raise ValueError(f"distortion={distortion} must be > 0")
+    return max(0.0, 0.5 * math.log2(variance / distortion))
+
+
+def gaussian_distortion(rate: float, variance: float = 1.0) -> float:
+    """D(R) = σ²·2^(−2R), the inverse of :func:`gaussian_rate` (§1.1)."""
+    if rate < 0:
+        raise ValueError(f"rate={rate} must be >= 0")
+    return variance * 2.0 ** (-2.0 * rate)
+
+
+def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    """φ(x), zero at ±∞."""
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def cell_probabilities(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """P(lower < Z ≤ upper) for Z ~ N(0,1), accurate in both tails (no 1 − tiny cancellation)."""
+    right = lower >= 0
+    return torch.where(right, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
+                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
+
+
+def entropy(p: torch.Tensor | list[float]) -> float:
+    """Shannon entropy −Σ p log2 p in bits of a probability vector (zeros contribute nothing)."""
+    p = torch.as_tensor(p, dtype=_F64)
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
+
+
+def empirical_entropy(counts: torch.Tensor) -> float:
+    """Entropy in bits per symbol of the histogram ``counts``."""
+    counts = counts.to(_F64)
+    total = counts.sum()
+    return entropy(counts / total) if total > 0 else 0.0
+
+
+def huffman_lengths(p: torch.Tensor | list[float]) -> list[int]:
+    """Code lengths of a binary Huffman code for ``p`` (two-smallest merge, §1.3).
+
+    Ties are broken by insertion order, so the lengths are deterministic. A single symbol gets a
+    1-bit code (a prefix code needs at least one bit to be decodable symbol by symbol).
+    """
+    probs = [float(v) for v in torch.as_tensor(p, dtype=_F64).reshape(-1)]
+    if not probs:
+        raise ValueError("huffman_lengths needs at least one symbol")
+    if any(v < 0 or not math.isfinite(v) for v in probs):
+        raise ValueError(f"probabilities must be finite and >= 0, got {probs}")
+    if len(probs) == 1:
+        return [1]
+    lengths = [0] * len(probs)
+    heap = [(v, i, [i]) for i, v in enumerate(probs)]
+    heapq.heapify(heap)
+    order = len(probs)
+    while len(heap) > 1:
+        p1, _, s1 = heapq.heappop(heap)
+        p2, _, s2 = heapq.heappop(heap)
+        for i in s1 + s2:
+            lengths[i] += 1
+        heapq.heappush(heap, (p1 + p2, order, s1 + s2))
+        order += 1
+    return lengths
+
+
+def average_length(p: torch.Tensor | list[float], lengths: list[int]) -> float:
+    """Expected code length Σ p_i ℓ_i in bits."""
+    p = torch.as_tensor(p, dtype=_F64).reshape(-1)
+    return float((p * torch.tensor(lengths, dtype=_F64)).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class ScalarQuantizer:
+    """A scalar quantiser of N(0,1): ``K−1`` increasing thresholds, ``K`` levels, ``K`` cell probabilities.
+
+    Index ``i`` covers ``(t_{i−1}, t_i]`` with ``t_0 = −∞``, ``t_K = +∞``; float64 CPU tensors.
+    """
+
+    thresholds: torch.Tensor
+    levels: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def from_cells(cls, thresholds: torch.Tensor, levels: torch.Tensor | None = None) -> ScalarQuantizer:
+        """Cells from thresholds; levels default to the N(0,1) centroids of the cells."""
+        t = thresholds.to(_F64).reshape(-1)
+        lower, upper = _bounds(t)
+        p = cell_probabilities(lower, upper)
+        if levels is None:
+            levels = (normal_pdf(lower) - normal_pdf(upper)) / p
+        return cls(t, levels.to(_F64).reshape(-1), p)
+
+    @property
+    def size(self) -> int:
+        return self.levels.numel()
+
+    @property
+    def entropy(self) -> float:
+        """Output entropy H = −Σ p_i log2 p_i (bits per sample)."""
+        return entropy(self.probs)
+
+    @property
+    def distortion(self) -> float:
+        """E(Z − q_I)² for Z ~ N(0,1), from the closed-form cell moments (§3.2)."""
+        lower, upper = _bounds(self.thresholds)
+        m1 = normal_pdf(lower) - normal_pdf(upper)
+        m2 = self.probs + _times_pdf(lower) - _times_pdf(upper)
+        q = self.levels
+        return float((m2 - 2 * q * m1 + q * q * self.probs).sum())
+
+    @property
+    def huffman_length(self) -> float:
+        """Average length of the Huffman code built for the cell probabilities."""
+        return average_length(self.probs, huffman_lengths(self.probs))
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Cell index of each element of ``z`` (any device): ``i`` with ``t_{i−1} < z ≤ t_i``."""
+        t = self.thresholds.to(device=z.device, dtype=z.dtype)
+        return torch.bucketize(z, t)
+
+    def reconstruct(self, index: torch.Tensor) -> torch.Tensor:
+        """Levels of the cells ``index`` as float32 on ``index``'s device."""
+        return self.levels.to(device=index.device, dtype=torch.float32)[index]
+
+
+def _bounds(thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inf = torch.tensor([math.inf], dtype=_F64)
+    return torch.cat([-inf, thresholds]), torch.cat([thresholds, inf])
+
+
+def _times_pdf(x: torch.Tensor) -> torch.Tensor:
+    """x·φ(x), zero at ±∞ (the boundary term of ∫ z²φ)."""
+    return torch.where(torch.isfinite(x), x * normal_pdf(x), torch.zeros_like(x))
+
+
+@lru_cache(maxsize=None)
+def lloyd_max(bits: int, tol: float = 1e-13, max_iter: int = 100_000) -> ScalarQuantizer:
+    """Fixed-rate MSE-optimal quantiser of N(0,1) with 2**bits levels (Lloyd–Max, §1.1).
+
+    Alternates nearest-neighbour thresholds ``t_i = (q_i + q_{i+1})/2`` and centroid levels from a
+    symmetric uniform start until the levels move less than ``tol``.
+    """
+    if not 1 <= bits <= 12:
+        raise ValueError(f"bits={bits} must be in 1..12")
+    k = 2**bits
+    step = 4.0 / k
+    q = (torch.arange(k, dtype=_F64) - (k - 1) / 2) * step
+    for _ in range(max_iter):
+        t = (q[:-1] + q[1:]) / 2
+        new = ScalarQuantizer.from_cells(t).levels
+        moved = float((new - q).abs().max())
+        q = new
+        if moved < tol:
+            break
+    return ScalarQuantizer.from_cells((q[:-1] + q[1:]) / 2, q)

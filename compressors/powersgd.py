@@ -1,0 +1,171 @@
+"""PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019; ALGORITHMS.md §2.5): rank-r power iteration.
+
+Per tensor viewed as a matrix n × m (n = shape[0], m = the rest), on worker w with memory E_w:
+
+    M_w = x_w + E_w ;  P_w = M_w Q            round 1: P = Σ_w P_w      (n·r floats)
+    P̂ = orthonormal columns of P (QR, fp32)
+    Q_w = M_wᵀ P̂                              round 2: S = Σ_w Q_w      (m·r floats)
+    Q ← S / W  (warm start of the next step) ;  return P̂ Sᵀ = W · P̂ P̂ᵀ mean_w(M_w)   (the sum)
+    E_w ← M_w − P̂ Qᵀ
+
+The memory is the residual against the *aggregated* approximation, as in the reference code
+(``paper-code/gradient_reducers.py::RankKReducer``), so E_w + P̂Qᵀ = M_w holds exactly. Both rounds
+are sums of same-shaped fp32 fields: a linear, two-round codec, reduced with all-reduce. The first Q
+is N(0, 1) from the generator shared by all workers, so every worker starts from the same Q.
+
+Tensors that are 1-D, or whose matrix would compress by less than ``min_compression_rate``
+(n·m / (r(n + m))), and every tensor before step ``start_iter``, go as one dense fp32 round.
+State (Q and E per tensor name) is per worker: reset it on every worker together, since a worker
+that restarts from a fresh Q while the others keep theirs breaks the shared-Q assumption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from compressors.base import Codec, ExchangeGen, Kind, TensorInfo, register
+from compressors.packet import Packet, PacketError
+
+#: ``info.generator`` purpose of the shared initial Q.
+Q_PURPOSE = 0x50535144
+
+
+@register
+@dataclass(frozen=True)
+class PowerSGD(Codec):
+    name: ClassVar[str] = "powersgd"
+    kind: ClassVar[Kind] = Kind.LINEAR
+    summary: ClassVar[str] = "rank-r power iteration, two all-reduces, warm start, built-in EF (§2.5)"
+    unbiased: ClassVar[bool] = False
+    builtin_error_feedback: ClassVar[bool] = True
+
+    rank: int = 2
+    min_compression_rate: float = 2.0
+    start_iter: int = 0
+    _q: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _e: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if self.min_compression_rate < 0:
+            raise ValueError(f"min_compression_rate={self.min_compression_rate} must be >= 0")
+        if self.start_iter < 0:
+            raise ValueError(f"start_iter={self.start_iter} must be >= 0")
+
+    # -- shapes -------------------------------------------------------------------------------
+    def matrix_shape(self, info: TensorInfo) -> tuple[int, int, int] | None:
+        """(n, m, r) when ``info``'s tensor is compressed at all; None when it goes dense."""
+        if len(info.shape) < 2 or info.numel == 0:
+            return None
+        n = info.shape[0]
+        m = info.numel // n
+        r = min(self.rank, n, m)
+        if n * m < self.min_compression_rate * r * (n + m):
+            return None
+        return n, m, r
+
+    def compresses(self, info: TensorInfo) -> bool:
+        return info.step >= self.start_iter and self.matrix_shape(info) is not None
+
+    def initial_q(self, info: TensorInfo, m: int, r: int, device: torch.device) -> torch.Tensor:
+        """The Q every worker starts from: N(0, 1), shared across workers for this step and tensor."""
+        g = info.generator(device, purpose=Q_PURPOSE, shared=True)
+        return torch.randn(m, r, generator=g, device=device, dtype=torch.float32)
+
+    def _warm_q(self, info: TensorInfo, m: int, r: int, device: torch.device) -> torch.Tensor:
+        q = self._q.get(info.name)
+        if q is None or q.shape != (m, r):
+            return self.initial_q(info, m, r, device)
+        return q.to(device)
+
+    # -- the protocol ---------------------------------------------------------------------------
+    def exchange(self, x: torch.Tensor, info: TensorInfo) -> ExchangeGen:
+        flat = x.reshape(-1).to(torch.float32)
+        if not self.compresses(info):
+            reduced = yield Packet(self.name, flat.numel(), (flat,))
+            return self._dense(reduced, info)
+        n, m, r = self.matrix_shape(info)  # type: ignore[misc]
+        mat = flat.view(n, m)
+        e = self._e.get(info.name)
+        if e is not None and e.shape == mat.shape:
+            mat = mat + e.to(mat.device)
+        q = self._warm_q(info, m, r, mat.device)
+        p_sum = yield Packet(self.name, flat.numel(), (mat @ q,))
+        p_hat = orthonormalize(self._field(p_sum, info, (n, r)))
+        q_sum = yield Packet(self.name, flat.numel(), (mat.t() @ p_hat,))
+        q_sum = self._field(q_sum, info, (m, r))
+        q_mean = q_sum / info.world
+        self._q[info.name] = q_mean
+        self._e[info.name] = mat - p_hat @ q_mean.t()
+        return (p_hat @ q_sum.t()).reshape(-1)
+
+    def _dense(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        (values,) = self.check(packet, info, 1)
+        if values.numel() != info.numel:
+            raise PacketError(f"powersgd dense packet holds {values.numel()} values, tensor has {info.numel}")
+        return values.reshape(-1).to(torch.float32)
+
+    def _field(self, packet: Packet, info: TensorInfo, shape: tuple[int, int]) -> torch.Tensor:
+        (f,) = self.check(packet, info, 1)
+        if tuple(f.shape) != shape:
+            raise PacketError(f"powersgd factor has shape {tuple(f.shape)}, {shape} expected for {info.name!r}")
+        return f.to(torch.float32)
+
+    # -- one worker alone (bits estimates, distortion): no memory, state untouched ---------------
+    def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
+        """What one worker alone (world 1, no memory) would reduce to: fields (P̂, Q), or the dense
+        tensor. Not summable; the collective path is :meth:`exchange`."""
+        flat = x.reshape(-1).to(torch.float32)
+        if not self.compresses(info):
+            return Packet(self.name, flat.numel(), (flat,))
+        n, m, r = self.matrix_shape(info)  # type: ignore[misc]
+        mat = flat.view(n, m)
+        p_hat = orthonormalize(mat @ self._warm_q(info, m, r, mat.device))
+        return Packet(self.name, flat.numel(), (p_hat, mat.t() @ p_hat))
+
+    def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        if not self.compresses(info):
+            return self._dense(packet, info)
+        n, m, r = self.matrix_shape(info)  # type: ignore[misc]
+        p_hat, q = self.check(packet, info, 2)
+        if tuple(p_hat.shape) != (n, r) or tuple(q.shape) != (m, r):
+            raise PacketError(f"powersgd factors have shapes {tuple(p_hat.shape)}, {tuple(q.shape)}; "
+                              f"{(n, r)}, {(m, r)} expected for {info.name!r}")
+        return (p_hat.to(torch.float32) @ q.to(torch.float32).t()).reshape(-1)
+
+    def compression_rate(self, info: TensorInfo) -> float:
+        """Dense floats over sent floats (payload only) for this tensor."""
+        shape = self.matrix_shape(info) if info.step >= self.start_iter else None
+        if shape is None:
+            return 1.0
+        n, m, r = shape
+        return n * m / (r * (n + m))
+
+    # -- Stateful ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": {k: v.detach().cpu().clone() for k, v in self._q.items()},
+                "e": {k: v.detach().cpu().clone() for k, v in self._e.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._q.clear()
+        self._e.clear()
+        self._q.update({k: v.clone() for k, v in state.get("q", {}).items()})
+        self._e.update({k: v.clone() for k, v in state.get("e", {}).items()})
+
+    def reset(self) -> None:
+        self._q.clear()
+        self._e.clear()
+
+    def residual_norm(self) -> float:
+        """‖E‖ over all tensors, the diagnostic ErrorFeedback.residual_norm also reports."""
+        return math.sqrt(sum(float((e.double() ** 2).sum()) for e in self._e.values()))
+
+
+def orthonormalize(p: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``p`` (n × r, n ≥ r), by a reduced QR in fp32 (§2.5 pitfall)."""
+    return torch.linalg.qr(p.to(torch.float32), mode="reduced").Q

@@ -1,0 +1,58 @@
+"""Top-k sparsification (Shi et al. 2019; ALGORITHMS.md §6.1): keep the k largest |u_i|.
+
+k = max(1, ⌊ρ·d⌋). Biased, so run it with ``compression.error_feedback: true`` (the EF wrapper keeps
+u − Topk(u)). Contraction: ‖u − Topk(u)‖² ≤ (1 − k/d)‖u‖² for every u (§6.3).
+
+Wire: k fp32 values in index order, then the sorted indices Elias–Fano coded
+(:mod:`compressors.sparse_index`, ≈ log2(d/k) + 2 bits each). k follows from (ρ, d), so no length
+is sent. Gather kind: different workers keep different supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from compressors.base import Codec, Kind, TensorInfo, register
+from compressors.packet import Packet, PacketError
+from compressors.sparse_index import densify, sparse_fields
+
+
+def density_count(density: float, numel: int) -> int:
+    """k = max(1, ⌊ρ·d⌋), at most d (§6.1)."""
+    return min(numel, max(1, int(density * numel)))
+
+
+def check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density} must be in (0, 1]")
+
+
+@register
+@dataclass(frozen=True)
+class TopK(Codec):
+    name: ClassVar[str] = "topk"
+    kind: ClassVar[Kind] = Kind.GATHER
+    summary: ClassVar[str] = "k largest magnitudes + Elias-Fano indices; use with error feedback (§6.1)"
+    unbiased: ClassVar[bool] = False
+
+    density: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_density(self.density)
+
+    def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
+        flat = x.reshape(-1).to(torch.float32)
+        k = density_count(self.density, flat.numel())
+        idx = flat.abs().topk(k, sorted=False).indices
+        return Packet(self.name, flat.numel(), sparse_fields(flat[idx], idx, flat.numel()))
+
+    def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        values, code = self.check(packet, info, 2)
+        k = density_count(self.density, packet.numel)
+        if values.numel() != k:
+            raise PacketError(f"topk packet holds {values.numel()} values, density={self.density} of "
+                              f"{packet.numel} elements needs {k}")
+        return densify(values, code, packet.numel)

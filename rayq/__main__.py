@@ -1,0 +1,3 @@
+from rayq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""One typed, validated run configuration: defaults < YAML file < ``--set key=value`` overrides.
+
+Every key and value is checked before Ray starts. Errors name the key, the value seen and what is
+allowed: ``compression.codec='qsdg' is not a codec; choose one of: none, fp16, ...``. The resolved
+config (task defaults filled in) is saved next to the run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; raised before anything starts."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def validate(self, path: str) -> None:
+        _check(self.lr is None or self.lr > 0, f"{path}.lr", self.lr, "a positive number")
+        _check(0 <= self.momentum < 1, f"{path}.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
+class OverrideConfig:
+    pattern: str = "*"
+    codec: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        from compressors import CodecError, make_codec
+
+        try:
+            make_codec(self.codec, self.params)
+        except CodecError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+@dataclass
+class CompressionConfig:
+    codec: str = "qsgd"
+    params: dict[str, Any] = field(default_factory=dict)
+    error_feedback: bool = False
+    min_numel: int = 256
+    bucket_small: bool = True
+    overrides: list[OverrideConfig] = field(default_factory=list)
+
+    def validate(self, path: str) -> None:
+        from compressors import CodecError, make_codec
+
+        try:
+            make_codec(self.codec, self.params)
+        except CodecError as err:
+            raise ConfigError(str(err)) from err
+        _check(self.min_numel >= 0, f"{path}.min_numel", self.min_numel, "an integer >= 0")
+
+
+TASKS = ("digits", "fashion-mnist", "mnist", "cifar10")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    task: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"
+    data_dir: str | None = None
+    trainer: str = "sync"
+    seed: int = 0
+    workers: int = 4
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    eval_every: int = 50
+    report_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    output_dir: str = "runs"
+    collective_timeout_s: float = 60.0
+    max_failures: int = 0
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        _check(self.workers >= 1, f"{p}workers", self.workers, "an integer >= 1")
+        _check(0 < self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(), f"{p}gpus_per_worker",
+               self.gpus_per_worker, "a fraction in (0, 1] or a whole number")
+        _check(self.cpus_per_worker > 0, f"{p}cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _check(self.epochs is None or self.epochs > 0, f"{p}epochs", self.epochs, "a number > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{p}max_steps", self.max_steps, "an integer >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, f"{p}batch_size", self.batch_size, "an integer >= 1")
+        for key in ("eval_every", "report_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 0, f"{p}{key}", getattr(self, key), "an integer >= 0 (0 = only at the end)")
+        _check(self.keep_checkpoints >= 1, f"{p}keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.collective_timeout_s > 0, f"{p}collective_timeout_s", self.collective_timeout_s, "seconds > 0")
+        _check(self.max_failures >= -1, f"{p}max_failures", self.max_failures, "an integer >= -1 (-1 = unlimited)")
+        if self.name is not None:
+            _check(bool(self.name) and "/" not in self.name, f"{p}name", self.name, "a non-empty name without '/'")
+        if self.resume is not None:
+            _check(Path(self.resume).is_dir(), f"{p}resume", self.resume, "an existing checkpoint directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; expected {allowed}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of: " + ", ".join(map(repr, typing.get_args(hint)))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; build nested dataclasses."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is invalid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}={value!r} is invalid; expected {_type_name(hint)}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a mapping of {_keys(hint)}")
+        return from_dict(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a list")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid; expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is invalid; expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a string")
+        return value
+    return value
+
+
+def _keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"unknown config key {where!r}; allowed keys{' in ' + path if path else ''}: {_keys(cls)}")
+    kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    obj.validate(path)
+    return obj
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like key=value (e.g. compression.codec=none)")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"--set {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from err
+    return key.split("."), value
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults < YAML file < ``extra`` < ``--set`` items into a validated :class:`RunConfig`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    if extra:
+        data = merge(data, extra)
+    for item in sets or []:
+        keys, value = _parse_set(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return from_dict(RunConfig, data)

@@ -1,0 +1,179 @@
+"""Drive a run on Ray: resolve the config, start (or join) Ray, fit a TorchTrainer, relay progress.
+
+The trainer is found by name (``trainer: sync`` → ``trainers.sync.train_loop``) or as
+``package.module:function`` for a user's own loop: the plugin boundary of DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rayq.config import ConfigError, RunConfig
+from rayq.tasks import check_available, get_task
+
+log = logging.getLogger(__name__)
+
+#: Ray Train's controller polls workers every 2 s by default; each report waits for a poll.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
+
+
+class TrainingError(RuntimeError):
+    """A run failed on the workers; the message carries the first worker's error."""
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill what the config leaves to the task (epochs, batch size, learning rate) and name the run."""
+    task = get_task(cfg.task)
+    opt = cfg.optimizer if cfg.optimizer.lr is not None else replace(cfg.optimizer, lr=task.lr)
+    epochs = cfg.epochs if cfg.epochs is not None else task.epochs
+    batch = cfg.batch_size if cfg.batch_size is not None else task.batch_size
+    name = cfg.name or f"{cfg.task}-{cfg.compression.codec}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    out = str(Path(cfg.output_dir).expanduser().resolve())
+    resume = str(Path(cfg.resume).resolve()) if cfg.resume else None
+    resolved = replace(cfg, optimizer=opt, epochs=epochs, batch_size=batch, name=name, output_dir=out, resume=resume)
+    if cfg.use_gpu is False and cfg.backend == "nccl":
+        raise ConfigError("backend='nccl' needs use_gpu=true; choose one of: auto, gloo")
+    return resolved
+
+
+def find_trainer(name: str) -> Callable[[dict[str, Any]], Any]:
+    module, _, func = name.partition(":")
+    if "." not in module and not func:
+        module, func = f"trainers.{module}", "train_loop"
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"trainer={name!r}: cannot import {module!r} ({err}); built-in trainers: sync, "
+                          "or give package.module:function") from err
+    fn = getattr(mod, func or "train_loop", None)
+    if fn is None:
+        raise ConfigError(f"trainer={name!r}: {module} has no function {func or 'train_loop'!r}")
+    return fn
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+    """Start a local Ray (or connect to ``address``) quietly: progress comes from rayq, not Ray's logs."""
+    import ray
+
+    os.environ.update(RAY_ENV)
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR,
+                                  runtime_env={"env_vars": dict(RAY_ENV)})
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+    ray.init(**kwargs)
+
+
+def check_before_start(cfg: RunConfig) -> None:
+    find_trainer(cfg.trainer)
+    check_available(cfg.task, cfg.data_dir)
+    run_dir = Path(cfg.output_dir) / str(cfg.name)
+    if run_dir.exists() and any(run_dir.glob("checkpoint_*")):
+        raise ConfigError(f"name={cfg.name!r}: run directory {run_dir} already holds checkpoints; choose another "
+                          "name, or continue it with --resume <checkpoint dir>")
+
+
+def train(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None = None,
+          address: str | None = None) -> dict[str, Any]:
+    """Run one training job to completion and return its summary (also written to summary.json)."""
+    import json
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    cfg = resolve(cfg)
+    check_before_start(cfg)
+    run_dir = Path(cfg.output_dir) / str(cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump(run_dir / "config.yaml")
+    init_ray(address)
+
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu and cfg.gpus_per_worker >= 1 else "gloo")
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        find_trainer(cfg.trainer),
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "progress": queue},
+        torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=cfg.name, storage_path=cfg.output_dir,
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = err
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=fit, name="rayq-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            item = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        if on_progress:
+            on_progress(item)
+    thread.join()
+    try:
+        ray.kill(queue.actor)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+    if "error" in outcome:
+        raise TrainingError(describe_failure(outcome["error"])) from outcome["error"]
+    result = outcome["result"]
+    final = dict(result.return_value or {})
+    elements = final.get("comm/elements", 0)
+    steps = final.get("step", 0)
+    summary = {
+        **{k: v for k, v in final.items() if isinstance(v, (int, float, str))},
+        "run": cfg.name, "task": cfg.task, "codec": cfg.compression.codec, "workers": cfg.workers,
+        "comm/bytes_up_total": final.get("comm/bytes_up_total", 0),
+        "wall_s": time.perf_counter() - started,
+        "run_dir": str(run_dir),
+        "tensorboard": str(run_dir / "tensorboard"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    if elements and steps:
+        bits = 8.0 * summary["comm/bytes_up_total"] / (elements * steps)
+        summary["comm/bits_per_element"] = bits
+        summary["comm/compression_ratio"] = 32.0 / bits
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def describe_failure(err: BaseException) -> str:
+    """Turn Ray Train's terminal errors into the first worker's own message."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        rank, exc = sorted(failures.items())[0]
+        cause = exc
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        text = str(cause).strip().splitlines()
+        last = next((line for line in reversed(text) if line.strip()), str(cause))
+        return f"worker {rank} failed: {last}"
+    return f"{type(err).__name__}: {err}"

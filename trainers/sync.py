@@ -1,0 +1,277 @@
+"""Trainer ``sync``: synchronous data-parallel SGD with compressed gradient averaging.
+
+Runs inside every Ray Train worker. One loop a reader can hold in their head:
+
+    batch → forward → backward → compressed all-reduce of gradients (rayq.collective) → optimizer step
+    every report_every steps: metrics to Ray Train (+ TensorBoard and progress on rank 0)
+    every checkpoint_every steps: model, optimizer, codec state, step (resumable from any checkpoint)
+
+Data order and every codec's randomness derive from (seed, epoch/step, rank), so a run resumed from a
+checkpoint continues bit-exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressors.base import mix_seed
+from compressors.error_feedback import ErrorFeedback
+from compressors.policy import Override, Policy
+from rayq import checkpoint as ckpt
+from rayq.collective import CompressedGroup, Ledger, TorchTransport
+from rayq.config import RunConfig, from_dict
+from rayq.tasks import Split, get_task
+from rayq.telemetry import TensorBoardLog
+
+
+class NonFiniteGradientError(FloatingPointError):
+    pass
+
+
+@dataclass
+class Plan:
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int
+
+
+def make_plan(cfg: RunConfig, n_train: int, world: int) -> Plan:
+    per_worker = n_train // world
+    batch = min(cfg.batch_size, per_worker)  # type: ignore[type-var]
+    steps_per_epoch = max(1, per_worker // batch)
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)  # type: ignore[operator]
+    return Plan(steps_per_epoch, max(1, total), batch)
+
+
+def batch_indices(seed: int, epoch: int, step_in_epoch: int, rank: int, world: int, n: int, batch: int) -> torch.Tensor:
+    """Shard a per-epoch permutation across workers (like DistributedSampler) and take one batch."""
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, 0xDA7A))
+    perm = torch.randperm(n, generator=g)[rank::world]
+    return perm[step_in_epoch * batch:(step_in_epoch + 1) * batch]
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=o.nesterov and o.momentum > 0)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_policy(cfg: RunConfig) -> Policy:
+    c = cfg.compression
+    return Policy(c.codec, c.params, error_feedback=c.error_feedback, min_numel=c.min_numel,
+                  bucket_small=c.bucket_small,
+                  overrides=[Override(o.pattern, o.codec, o.params) for o in c.overrides])
+
+
+def evaluate(model: nn.Module, test: Split, rank: int, world: int, device: torch.device) -> tuple[float, float]:
+    """Each worker scores its shard of the held-out split; counts are summed over the group."""
+    import torch.distributed as dist
+
+    model.eval()
+    x, y = test.x[rank::world], test.y[rank::world]
+    correct = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(y), 1024):
+            xb, yb = x[i:i + 1024].to(device), y[i:i + 1024].to(device)
+            out = model(xb)
+            loss_sum += F.cross_entropy(out, yb, reduction="sum").double().cpu()
+            correct += (out.argmax(1) == yb).sum().double().cpu()
+    totals = torch.stack([correct, loss_sum, torch.tensor(float(len(y)), dtype=torch.float64)])
+    if dist.is_initialized():
+        comm = totals.to(device) if dist.get_backend() == "nccl" else totals
+        dist.all_reduce(comm)
+        totals = comm.cpu()
+    model.train()
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def average_buffers(model: nn.Module, device: torch.device) -> None:
+    """BatchNorm running statistics differ per worker; average them so evaluation is consistent."""
+    import torch.distributed as dist
+
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if not bufs or not dist.is_initialized():
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    cfg: RunConfig = from_dict(RunConfig, loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    progress = loop_config.get("progress")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+
+    task = get_task(cfg.task)
+    train, test = task.load(cfg.data_dir)
+    plan = make_plan(cfg, len(train), world)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(cfg, model)
+    policy = build_policy(cfg)
+    transport = TorchTransport(device if dist.get_backend() == "nccl" else torch.device("cpu"))
+    group = CompressedGroup(policy, transport, seed=cfg.seed)
+
+    start_step, clock_offset, bytes_total = 0, 0.0, 0
+    restored = ray.train.get_checkpoint()
+    source = "restart" if restored else ("resume" if cfg.resume else None)
+    if restored or cfg.resume:
+        def _load(directory: Path) -> tuple[dict, dict | None]:
+            return ckpt.load(directory, rank)
+
+        if restored:
+            with restored.as_directory() as d:
+                state, codec_state = _load(Path(d))
+        else:
+            state, codec_state = _load(Path(cfg.resume))  # type: ignore[arg-type]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["meta"]["step"]
+        clock_offset = state["meta"].get("wall_s", 0.0)
+        bytes_total = state["meta"].get("bytes_up_total", 0)
+        if codec_state is not None:
+            group.load_state_dict(codec_state)
+    elif world > 1:
+        for p in model.parameters():  # identical replicas even if a task's init is not seeded
+            dist.broadcast(p.data, src=0)
+
+    tb = TensorBoardLog(run_dir / "tensorboard") if rank == 0 else None
+    if tb and source:
+        tb.text("run/events", f"{source} from step {start_step}", start_step)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    window = Ledger()
+    window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
+    last: dict[str, Any] = {}
+    last_eval: dict[str, float] = {}
+    skipped = 0
+    wall_start = time.perf_counter() - clock_offset
+    model.train()
+
+    for step in range(start_step, plan.total_steps):
+        epoch, i = divmod(step, plan.steps_per_epoch)
+        idx = batch_indices(cfg.seed, epoch, i, rank, world, len(train), plan.batch_size)
+        t0 = time.perf_counter()
+        xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+        optimizer.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        grads = {n: p.grad for n, p in params}
+        t1 = time.perf_counter()
+        report_now = (step + 1) % max(cfg.report_every, 1) == 0 or step + 1 == plan.total_steps
+        averaged, ledger = group.allreduce_mean(grads, step, measure=report_now)
+        finite = bool(torch.isfinite(torch.stack([a.float().norm() for a in averaged.values()]).sum()))
+        if not finite:
+            local_bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+            if cfg.on_nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"step {step}: the averaged gradient is not finite (NaN/Inf); worker {rank}'s non-finite "
+                    f"local gradients: {local_bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
+            skipped += 1
+        else:
+            for n, p in params:
+                p.grad.copy_(averaged[n])
+            optimizer.step()
+        window.add(ledger)
+        bytes_total += ledger.bytes_up
+        window_loss += float(loss.detach())
+        window_steps += 1
+        window_compute += t1 - t0
+
+        if not report_now:
+            continue
+        done = step + 1
+        metrics: dict[str, Any] = {
+            "step": done, "epoch": done / plan.steps_per_epoch,
+            "train/loss": _mean_over_workers(window_loss / window_steps, device),
+            "comm/bits_per_element": window.bits_per_element,
+            "comm/compression_ratio": window.compression_ratio,
+            "comm/bytes_up": window.bytes_up / window_steps,
+            "comm/bytes_down": window.bytes_down / window_steps,
+            "comm/bytes_up_total": bytes_total,
+            "comm/packets": window.packets / window_steps,
+            "comm/elements": window.elements / window_steps,
+            "time/compute_s": window_compute / window_steps,
+            "time/encode_s": window.encode_s / window_steps,
+            "time/comm_s": window.comm_s / window_steps,
+            "time/decode_s": window.decode_s / window_steps,
+            "time/step_s": (time.perf_counter() - window_start) / window_steps,
+            "time/wall_s": time.perf_counter() - wall_start,
+            "train/skipped_steps": skipped,
+        }
+        if ledger.distortion is not None:
+            metrics["comm/distortion"] = ledger.distortion
+        ef = [c for c in policy.stateful_codecs().values() if isinstance(c, ErrorFeedback)]
+        if ef:
+            metrics["comm/ef_residual_norm"] = sum(c.residual_norm() for c in ef)
+        final = done == plan.total_steps
+        if final or (cfg.eval_every and (done // cfg.eval_every) > ((done - window_steps) // cfg.eval_every)):
+            average_buffers(model, device)
+            acc, eval_loss = evaluate(model, test, rank, world, device)
+            last_eval = {"eval/accuracy": acc, "eval/loss": eval_loss}
+        metrics.update(last_eval)
+        save_now = final or (cfg.checkpoint_every and
+                             (done // cfg.checkpoint_every) > ((done - window_steps) // cfg.checkpoint_every))
+        if tb:
+            tb.scalars(metrics, done)
+        if progress is not None and rank == 0:
+            progress.put_nowait({**metrics, "total_steps": plan.total_steps})
+        if save_now:
+            with tempfile.TemporaryDirectory() as tmp:
+                model_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": torch.get_rng_state()} if rank == 0 else None
+                meta = {"step": done, "world": world, "wall_s": metrics["time/wall_s"],
+                        "bytes_up_total": bytes_total, "task": cfg.task, "codec": cfg.compression.codec}
+                ckpt.save(Path(tmp), rank, model_state=model_state, codec_state=group.state_dict(), meta=meta)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        last = metrics
+        window = Ledger()
+        window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
+
+    if tb:
+        tb.hparams(cfg.to_dict(), {k: v for k, v in last.items() if k.startswith(("eval/", "comm/bits", "comm/comp"))})
+        tb.close()
+    return {**last, "steps_total": plan.total_steps, "start_step": start_step}
+
+
+def _mean_over_workers(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to(device) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+    return value
