@@ -8,12 +8,16 @@ config (task defaults filled in) is saved next to the run's outputs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -181,6 +185,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid; expected an integer")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string; a user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is invalid; expected a number")
         return float(value)

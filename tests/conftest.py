@@ -1,0 +1,42 @@
+"""One local Ray per test session (RAY_NOTES.md), shared by every integration test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from rayq.launch import init_ray
+
+    # Logical CPUs: 4 workers × 0.5 CPU plus the controller and the progress queue fit on 2 cores.
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def train_run(ray_session, tmp_path):
+    """Run ``rayq.launch.train`` with config overrides; return (summary, run directory)."""
+    from rayq.config import load_config
+    from rayq.launch import train
+
+    def run(sets: list[str] | None = None, **extra: Any) -> tuple[dict[str, Any], Path]:
+        extra.setdefault("output_dir", str(tmp_path / "runs"))
+        cfg = load_config(None, sets or [], extra=extra)
+        summary = train(cfg)
+        return summary, Path(summary["run_dir"])
+
+    return run
+
+
+def pytest_configure(config):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,0 +1,67 @@
+"""Bad config fails before Ray starts, naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayq.config import ConfigError, RunConfig, load_config
+
+
+def test_defaults_are_the_main_job():
+    cfg = load_config()
+    assert (cfg.task, cfg.workers, cfg.compression.codec) == ("digits", 4, "qsgd")
+
+
+def test_yaml_then_set_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("workers: 2\ncompression:\n  codec: fp16\noptimizer:\n  lr: 0.2\n")
+    cfg = load_config(f, ["compression.codec=none", "optimizer.momentum=0.5"])
+    assert (cfg.workers, cfg.compression.codec, cfg.optimizer.lr, cfg.optimizer.momentum) == (2, "none", 0.2, 0.5)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["workerz=3"], "unknown config key 'workerz'; allowed keys: name, task"),
+    (["compression.codec=qsdg"], "compression.codec='qsdg' is not a codec; choose one of: none, fp16"),
+    (["compression.params.levels=0"], "levels=0 must be in 1..32768"),
+    (["compression.params.norm=l3"], "compression.params.norm='l3' is not valid for codec 'qsgd'; choose one of: 'l2', 'max'"),
+    (["compression.params.level=3"], "compression.params.level is not a parameter of codec 'qsgd'; allowed: levels"),
+    (["task=imagenet"], "task='imagenet' is invalid; choose one of: digits, fashion-mnist, mnist, cifar10"),
+    (["workers=0"], "workers=0 is invalid; expected an integer >= 1"),
+    (["workers=two"], "workers='two' is invalid; expected an integer"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; expected a positive number"),
+    (["optimizer.name=lamb"], "optimizer.name='lamb' is invalid; choose one of: sgd, adam, adamw"),
+    (["compression.error_feedback=maybe"], "compression.error_feedback='maybe' is invalid; expected true or false"),
+    (["compression.bogus=1"], "unknown config key 'compression.bogus'; allowed keys in compression: codec"),
+    (["resume=/nonexistent/ckpt"], "resume='/nonexistent/ckpt' is invalid; expected an existing checkpoint directory"),
+    (["workers"], "must look like key=value"),
+])
+def test_bad_values_name_key_value_and_allowed(sets, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    assert message in str(err.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("workers: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_per_layer_overrides_are_validated():
+    with pytest.raises(ConfigError, match=r"compression.overrides\[0\]: compression.codec='nope'"):
+        load_config(None, ["compression.overrides=[{pattern: '0.*', codec: nope}]"])
+    cfg = load_config(None, ["compression.overrides=[{pattern: '0.*', codec: fp16}]"])
+    assert cfg.compression.overrides[0].codec == "fp16"
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    from rayq.launch import resolve
+
+    cfg = resolve(load_config(None, ["compression.codec=fp16"]))
+    cfg.dump(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg and isinstance(again, RunConfig)
+    assert cfg.optimizer.lr == 0.05 and cfg.epochs == 30 and cfg.batch_size == 32
