@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from typing import Any
 
 from rayq import __version__
+
+#: Modules that add their own subcommands: each has ``add_commands(subparsers)``.
+COMMAND_MODULES: list[str] = []
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("codecs", help="list the codecs with their kind and parameters")
     p.set_defaults(func=cmd_codecs)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
