@@ -72,6 +72,39 @@ class CompressionConfig:
         _check(self.min_numel >= 0, f"{path}.min_numel", self.min_numel, "an integer >= 0")
 
 
+@dataclass
+class SyncConfig:
+    """When and what the workers average (rayq.sync; ALGORITHMS.md §4, §7)."""
+
+    schedule: Literal["every_step", "periodic", "adaptive", "laq"] = "every_step"
+    period: int = 4
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    p_min: int = 1
+    p_max: int = 64
+    kappa: float = 1.0
+    omega: float = 0.5
+    warmup_steps: int = 0
+    bits: int = 4
+    memory: int = 10
+    xi: float = 0.8
+    max_skips: int = 100
+
+    def validate(self, path: str) -> None:
+        _check(self.period >= 1, f"{path}.period", self.period, "an integer >= 1")
+        _check(1 <= self.p_min <= self.period <= self.p_max, f"{path}.p_min/period/p_max",
+               (self.p_min, self.period, self.p_max), "1 <= p_min <= period <= p_max")
+        _check(self.outer_lr > 0, f"{path}.outer_lr", self.outer_lr, "a number > 0")
+        _check(0 <= self.outer_momentum < 1, f"{path}.outer_momentum", self.outer_momentum, "a number in [0, 1)")
+        _check(self.kappa > 0, f"{path}.kappa", self.kappa, "a number > 0")
+        _check(0 < self.omega <= 2, f"{path}.omega", self.omega, "a number in (0, 2]")
+        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0 (0 = one epoch)")
+        _check(1 <= self.bits <= 16, f"{path}.bits", self.bits, "an integer in 1..16")
+        _check(self.memory >= 1, f"{path}.memory", self.memory, "an integer >= 1")
+        _check(self.xi >= 0, f"{path}.xi", self.xi, "a number >= 0")
+        _check(self.max_skips >= 0, f"{path}.max_skips", self.max_skips, "an integer >= 0")
+
+
 TASKS = ("digits", "fashion-mnist", "mnist", "cifar10")
 
 
@@ -92,6 +125,7 @@ class RunConfig:
     batch_size: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     eval_every: int = 50
     report_every: int = 10
     checkpoint_every: int = 50

@@ -66,7 +66,7 @@ def test_resuming_a_mid_run_checkpoint_reproduces_the_uninterrupted_run_bit_exac
             "eval_every=0", "keep_checkpoints=5"]
     _, full = train_run(sets, name="full")
     mid = _checkpoint_at(full, 20)
-    codec_state = torch.load(mid / "codec_rank1.pt", weights_only=False)["codec"]
+    codec_state = torch.load(mid / "codec_rank1.pt", weights_only=False)["codec"]["policy"]
     residuals = next(iter(codec_state.values()))["residuals"]
     assert residuals and all(r.abs().sum() > 0 for r in residuals.values()), "EF residuals were not checkpointed"
     summary, resumed = train_run(sets, name="resumed", resume=str(mid))
@@ -76,8 +76,8 @@ def test_resuming_a_mid_run_checkpoint_reproduces_the_uninterrupted_run_bit_exac
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for r in range(4):
-        ra = torch.load(_checkpoint_at(full, 40) / f"codec_rank{r}.pt", weights_only=False)["codec"]
-        rb = torch.load(_checkpoint_at(resumed, 40) / f"codec_rank{r}.pt", weights_only=False)["codec"]
+        ra = torch.load(_checkpoint_at(full, 40) / f"codec_rank{r}.pt", weights_only=False)["codec"]["policy"]
+        rb = torch.load(_checkpoint_at(resumed, 40) / f"codec_rank{r}.pt", weights_only=False)["codec"]["policy"]
         for key in ra:
             for name, t in ra[key]["residuals"].items():
                 assert torch.equal(t, rb[key]["residuals"][name])

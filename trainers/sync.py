@@ -29,6 +29,7 @@ from compressors.policy import Override, Policy
 from rayq import checkpoint as ckpt
 from rayq.collective import CompressedGroup, Ledger, TorchTransport
 from rayq.config import RunConfig, from_dict
+from rayq.sync import LAQ, Adaptive, EveryStep, ModelAverager, Periodic, SyncStats
 from rayq.tasks import Split, get_task
 from rayq.telemetry import TensorBoardLog
 
@@ -73,6 +74,35 @@ def build_policy(cfg: RunConfig) -> Policy:
     return Policy(c.codec, c.params, error_feedback=c.error_feedback, min_numel=c.min_numel,
                   bucket_small=c.bucket_small,
                   overrides=[Override(o.pattern, o.codec, o.params) for o in c.overrides])
+
+
+def build_schedule(cfg: RunConfig, group: CompressedGroup, params: list, plan: Plan, device: torch.device):
+    """The sync schedule, plus the model averager (periodic/adaptive) or LAQ bookkeeping it needs."""
+    sc = cfg.sync
+    if sc.schedule == "every_step":
+        return EveryStep(), None, None
+    if sc.schedule == "laq":
+        laq = LAQ(group, [(n, p.numel()) for n, p in params], bits=sc.bits, memory=sc.memory, xi=sc.xi,
+                  max_skips=sc.max_skips, device=device)
+        return laq, None, laq
+    averager = ModelAverager(group, params, outer_lr=sc.outer_lr, outer_momentum=sc.outer_momentum)
+    if sc.schedule == "periodic":
+        return Periodic(sc.period), averager, None
+    warmup = sc.warmup_steps or plan.steps_per_epoch
+    return Adaptive(sc.period, sc.p_min, sc.p_max, sc.kappa, sc.omega, warmup), averager, None
+
+
+def check_finite(averaged: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int, rank: int,
+                 strict: bool) -> bool:
+    """NaN/Inf detection: one reduction over all tensors; name the worker's offending tensors."""
+    if bool(torch.isfinite(torch.stack([a.float().norm() for a in averaged.values()]).sum())):
+        return True
+    if strict:
+        bad = [n for n, g in local.items() if not torch.isfinite(g).all()]
+        raise NonFiniteGradientError(
+            f"step {step}: the averaged gradient is not finite (NaN/Inf); worker {rank}'s non-finite local "
+            f"gradients: {bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
+    return False
 
 
 def evaluate(model: nn.Module, test: Split, rank: int, world: int, device: torch.device) -> tuple[float, float]:
@@ -141,8 +171,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     policy = build_policy(cfg)
     transport = TorchTransport(device if dist.get_backend() == "nccl" else torch.device("cpu"))
     group = CompressedGroup(policy, transport, seed=cfg.seed)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    schedule, averager, laq = build_schedule(cfg, group, params, plan, device)
 
     start_step, clock_offset, bytes_total = 0, 0.0, 0
+    codec_state: dict | None = None
     restored = ray.train.get_checkpoint()
     source = "restart" if restored else ("resume" if cfg.resume else None)
     if restored or cfg.resume:
@@ -161,20 +194,24 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         clock_offset = state["meta"].get("wall_s", 0.0)
         bytes_total = state["meta"].get("bytes_up_total", 0)
         if codec_state is not None:
-            group.load_state_dict(codec_state)
+            group.load_state_dict(codec_state["policy"])
+            for obj, key in ((schedule, "schedule"), (averager, "averager"), (laq, "laq")):
+                if obj is not None and key in codec_state:
+                    obj.load_state_dict(codec_state[key])
     elif world > 1:
         for p in model.parameters():  # identical replicas even if a task's init is not seeded
             dist.broadcast(p.data, src=0)
 
+    if averager is not None and not (codec_state and "averager" in codec_state):
+        averager.reset_anchor()  # the anchor is the model every replica starts this run from
     tb = TensorBoardLog(run_dir / "tensorboard") if rank == 0 else None
     if tb and source:
         tb.text("run/events", f"{source} from step {start_step}", start_step)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     window = Ledger()
     window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
     last: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
-    skipped = 0
+    skipped, syncs, last_variance = 0, 0, 0.0
     wall_start = time.perf_counter() - clock_offset
     model.train()
 
@@ -189,19 +226,38 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         grads = {n: p.grad for n, p in params}
         t1 = time.perf_counter()
         report_now = (step + 1) % max(cfg.report_every, 1) == 0 or step + 1 == plan.total_steps
-        averaged, ledger = group.allreduce_mean(grads, step, measure=report_now)
-        finite = bool(torch.isfinite(torch.stack([a.float().norm() for a in averaged.values()]).sum()))
-        if not finite:
-            local_bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-            if cfg.on_nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"step {step}: the averaged gradient is not finite (NaN/Inf); worker {rank}'s non-finite "
-                    f"local gradients: {local_bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
-            skipped += 1
+        if schedule.mode == "model":  # local step; average the model delta when the schedule says so
+            if check_finite(grads, grads, step, rank, cfg.on_nonfinite == "raise"):
+                optimizer.step()
+            else:
+                skipped += 1
+            ledger = Ledger(elements=sum(p.numel() for _, p in params))
+            if schedule.should_sync(step):
+                ledger, variance = averager.sync(step)  # type: ignore[union-attr]
+                average_buffers(model, device)
+                schedule.observe(SyncStats(step, step + 1 - schedule.last_sync, variance))  # type: ignore[attr-defined]
+                syncs += 1
+                last_variance = variance
         else:
-            for n, p in params:
-                p.grad.copy_(averaged[n])
-            optimizer.step()
+            if laq is not None:
+                before = torch.cat([p.detach().reshape(-1) for _, p in params]).clone()
+                group0 = optimizer.param_groups[0]
+                # With momentum β a step moves θ by ≈ lr/(1−β)·∇: that is the step size LAQ's rule compares with.
+                lr_eff = group0["lr"] / (1.0 - group0.get("momentum", 0.0)) if "momentum" in group0 else group0["lr"]
+                averaged, ledger, uploaded = laq.exchange(grads, step, lr_eff)
+                syncs += int(uploaded)
+            else:
+                averaged, ledger = group.allreduce_mean(grads, step, measure=report_now)
+                syncs += 1
+            if check_finite(averaged, grads, step, rank, cfg.on_nonfinite == "raise"):
+                for n, p in params:
+                    p.grad.copy_(averaged[n])
+                optimizer.step()
+            else:
+                skipped += 1
+            if laq is not None:
+                after = torch.cat([p.detach().reshape(-1) for _, p in params])
+                laq.observe_params(float(((after - before) ** 2).sum()))
         window.add(ledger)
         bytes_total += ledger.bytes_up
         window_loss += float(loss.detach())
@@ -228,7 +284,14 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             "time/step_s": (time.perf_counter() - window_start) / window_steps,
             "time/wall_s": time.perf_counter() - wall_start,
             "train/skipped_steps": skipped,
+            "sync/count": syncs,
         }
+        if schedule.mode == "model":
+            metrics["sync/period"] = schedule.period  # type: ignore[attr-defined]
+            metrics["sync/variance"] = last_variance
+        if laq is not None:
+            metrics["sync/uploads"] = laq.state.uploads
+            metrics["sync/upload_fraction"] = laq.state.uploads / (laq.state.rounds * world)
         if ledger.distortion is not None:
             metrics["comm/distortion"] = ledger.distortion
         ef = [c for c in policy.stateful_codecs().values() if isinstance(c, ErrorFeedback)]
@@ -252,7 +315,12 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                                "rng": torch.get_rng_state()} if rank == 0 else None
                 meta = {"step": done, "world": world, "wall_s": metrics["time/wall_s"],
                         "bytes_up_total": bytes_total, "task": cfg.task, "codec": cfg.compression.codec}
-                ckpt.save(Path(tmp), rank, model_state=model_state, codec_state=group.state_dict(), meta=meta)
+                state = {"policy": group.state_dict(), "schedule": schedule.state_dict()}
+                if averager is not None:
+                    state["averager"] = averager.state_dict()
+                if laq is not None:
+                    state["laq"] = laq.state_dict()
+                ckpt.save(Path(tmp), rank, model_state=model_state, codec_state=state, meta=meta)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
