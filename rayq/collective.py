@@ -68,6 +68,72 @@ class TorchTransport:
         return [o[:n].cpu().numpy().tobytes() for o, n in zip(outs, lengths)]
 
 
+class LocalHub:
+    """``world`` workers as threads of one process, meeting at a barrier: a real collective, in memory.
+
+    Used to simulate many peers on one machine and to test collective semantics without processes.
+    Every worker sums the deposited tensors in rank order, so all of them get bit-identical results.
+    """
+
+    def __init__(self, world: int, timeout_s: float = 60.0) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=timeout_s)
+        self.slots: list = [None] * world
+
+    def transport(self, rank: int) -> LocalTransport:
+        return LocalTransport(self, rank)
+
+
+class LocalTransport:
+    def __init__(self, hub: LocalHub, rank: int) -> None:
+        self.hub, self.rank, self.world = hub, rank, hub.world
+
+    def _exchange(self, item):
+        self.hub.slots[self.rank] = item
+        self.hub.barrier.wait()
+        items = list(self.hub.slots)
+        self.hub.barrier.wait()
+        return items
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        items = self._exchange(tensor.detach().clone())
+        out = items[0].clone()
+        for t in items[1:]:
+            out += t.to(out.device)
+        return out.to(tensor.device)
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        return self._exchange(bytes(data))
+
+
+def run_local(world: int, fn, *args, timeout_s: float = 120.0) -> list:
+    """Run ``fn(transport, *args)`` on ``world`` threads joined by a :class:`LocalHub`; return the results."""
+    import threading
+
+    hub = LocalHub(world, timeout_s)
+    results: list = [None] * world
+    errors: list = []
+
+    def work(rank: int) -> None:
+        try:
+            results[rank] = fn(hub.transport(rank), *args)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return results
+
+
 @dataclass
 class Ledger:
     """What one collective call moved, for this worker."""

@@ -89,6 +89,7 @@ class SyncConfig:
     memory: int = 10
     xi: float = 0.8
     max_skips: int = 100
+    error_weight: float = 3.0
 
     def validate(self, path: str) -> None:
         _check(self.period >= 1, f"{path}.period", self.period, "an integer >= 1")
@@ -103,6 +104,7 @@ class SyncConfig:
         _check(self.memory >= 1, f"{path}.memory", self.memory, "an integer >= 1")
         _check(self.xi >= 0, f"{path}.xi", self.xi, "a number >= 0")
         _check(self.max_skips >= 0, f"{path}.max_skips", self.max_skips, "an integer >= 0")
+        _check(self.error_weight >= 0, f"{path}.error_weight", self.error_weight, "a number >= 0")
 
 
 TASKS = ("digits", "fashion-mnist", "mnist", "cifar10")

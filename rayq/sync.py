@@ -192,20 +192,22 @@ class LAQ:
 
     Mean convention (§4.5 "sum vs mean"): with ∇ = (1/M)Σ_m Q_m and step lr, the paper's threshold
     1/(α²M²) becomes 1/lr² (the trainer passes lr/(1−β) under momentum β). Worker m skips when
-        ‖δQ_m‖² ≤ (1/lr²)·Σ_d ξ_d‖θ^{k+1−d} − θ^{k−d}‖² + 3(‖ε_m^k‖² + ‖ε̂_m‖²)   and  t_m < t̄,
-    with ξ_d = xi/D. A skipping worker sends a header-only packet (its bytes are counted).
+        ‖δQ_m‖² ≤ (1/lr²)·Σ_d ξ_d‖θ^{k+1−d} − θ^{k−d}‖² + c(‖ε_m^k‖² + ‖ε̂_m‖²)   and  t_m < t̄,
+    with ξ_d = xi/D and c = error_weight (3 in the paper, 1.5 in SLAQ's code). A skipping worker sends a header-only packet (its bytes are counted).
     """
 
     mode = "laq"
 
     def __init__(self, group: CompressedGroup, numels: list[tuple[str, int]], bits: int = 4, memory: int = 10,
-                 xi: float = 0.8, max_skips: int = 100, device: torch.device | None = None) -> None:
+                 xi: float = 0.8, max_skips: int = 100, error_weight: float = 3.0,
+                 device: torch.device | None = None) -> None:
         self.group = group
         self.segments = numels
         self.quantizer = LAQQuantizer(bits=bits)
         self.memory = memory
         self.xi = xi
         self.max_skips = max_skips
+        self.error_weight = error_weight
         d = sum(n for _, n in numels)
         dev = device or torch.device("cpu")
         self.state = LAQState(refs=[torch.zeros(d, device=dev) for _ in range(group.world)],
@@ -242,7 +244,7 @@ class LAQ:
         delta = torch.cat(deltas)
         err_sq = float(((s.refs[rank] + delta - g) ** 2).sum())
         change_sq = float((delta**2).sum())
-        skip = (change_sq <= self.threshold(lr) + 3 * (err_sq + s.own_err_sq)) and s.skips < self.max_skips
+        skip = (change_sq <= self.threshold(lr) + self.error_weight * (err_sq + s.own_err_sq)) and s.skips < self.max_skips
         if skip:
             frame = Packet(self.quantizer.name, g.numel(), ()).to_bytes()
         else:

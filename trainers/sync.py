@@ -83,7 +83,7 @@ def build_schedule(cfg: RunConfig, group: CompressedGroup, params: list, plan: P
         return EveryStep(), None, None
     if sc.schedule == "laq":
         laq = LAQ(group, [(n, p.numel()) for n, p in params], bits=sc.bits, memory=sc.memory, xi=sc.xi,
-                  max_skips=sc.max_skips, device=device)
+                  max_skips=sc.max_skips, error_weight=sc.error_weight, device=device)
         return laq, None, laq
     averager = ModelAverager(group, params, outer_lr=sc.outer_lr, outer_momentum=sc.outer_momentum)
     if sc.schedule == "periodic":

@@ -1,0 +1,207 @@
+"""Sync schedules (ALGORITHMS.md §4, §7): CPSGD/ADPSGD model averaging and LAQ, on in-process workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressors import TensorInfo, make_codec
+from compressors.policy import Policy
+from rayq.collective import CompressedGroup, run_local
+from rayq.sync import LAQ, Adaptive, ModelAverager, Periodic, SyncStats
+from rayq.tasks import load_digits_split, mlp
+
+TRAIN, TEST = load_digits_split()
+
+
+torch.manual_seed(0)
+_INIT = mlp().state_dict()
+
+
+def _model() -> torch.nn.Module:
+    """Identical replicas without touching the global RNG (worker threads share it)."""
+    model = mlp()
+    model.load_state_dict(_INIT)
+    return model
+
+
+def _shard(rank: int, world: int):
+    return TRAIN.x[rank::world], TRAIN.y[rank::world]
+
+
+# ------------------------------------------------------------------ CPSGD (T14)
+
+def _local_sgd(transport, period: int, steps: int, same_data: bool):
+    model = _model()
+    params = list(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    group = CompressedGroup(Policy("none", min_numel=0), transport)
+    schedule, averager = Periodic(period), ModelAverager(group, params)
+    x, y = _shard(0 if same_data else transport.rank, transport.world)
+    g = torch.Generator().manual_seed(transport.rank if not same_data else 0)
+    out = {"bytes": 0, "syncs": 0, "variances": [], "post_sync_equal": []}
+    for step in range(steps):
+        idx = torch.randint(len(y), (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if schedule.should_sync(step):
+            ledger, v = averager.sync(step)
+            schedule.observe(SyncStats(step, period, v))
+            out["bytes"] += ledger.bytes_up
+            out["syncs"] += 1
+            out["variances"].append(v)
+            out["packet_bytes"] = ledger.packet_bytes
+        out["params"] = torch.cat([p.detach().reshape(-1) for _, p in params]).clone()
+    return out
+
+
+def test_cpsgd_replicas_are_identical_after_each_sync_and_bits_are_32d_per_sync():
+    world, period, steps = 4, 5, 20
+    results = run_local(world, _local_sgd, period, steps, False)
+    d = sum(p.numel() for p in _model().parameters())
+    for r in results[1:]:  # the last step is a sync: every replica holds the same model, V = 0 after it
+        assert torch.equal(r["params"], results[0]["params"])
+    for r in results:
+        assert r["syncs"] == steps // period
+        payload = 4 * d  # fp32 values; the rest is packet headers and CRCs, counted too
+        assert r["bytes"] == r["syncs"] * sum(r["packet_bytes"])
+        assert 0 <= sum(r["packet_bytes"]) - payload < 64 * len(r["packet_bytes"])
+        assert all(v > 0 for v in r["variances"])  # different data: the replicas drift between syncs
+
+
+def test_identical_workers_have_zero_variance_and_the_adaptive_period_grows_to_its_maximum():
+    results = run_local(2, _local_sgd, 3, 9, True)
+    assert all(v < 1e-12 for r in results for v in r["variances"])
+    ada = Adaptive(period=2, p_min=1, p_max=16, kappa=1.0, omega=1.0, warmup=4)
+    step = 0
+    for _ in range(10):
+        step += ada.period
+        ada.observe(SyncStats(step - 1, ada.period, 0.0))
+    assert ada.period == 16
+
+
+def test_adaptive_controller_shortens_high_variance_periods_and_lengthens_low_ones():
+    ada = Adaptive(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
+    ada.observe(SyncStats(3, 4, 2.0))
+    ada.observe(SyncStats(7, 4, 2.0))  # warm-up: V_ref = 2
+    assert ada.period == 4
+    ada.observe(SyncStats(11, 4, 8.0))  # 4× the target: period / 4
+    assert ada.period == 1
+    ada.observe(SyncStats(12, 1, 0.25))  # 1/8 of the target: period × 8
+    assert ada.period == 8
+    ada.observe(SyncStats(20, 8, 1e-9))
+    assert ada.period == 64  # clipped at p_max
+    restored = Adaptive(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
+    restored.load_state_dict(ada.state_dict())
+    assert restored.state_dict() == ada.state_dict()
+
+
+def test_outer_nesterov_step_is_diloco_update_of_the_averaged_delta():
+    def run(transport):
+        p = torch.nn.Parameter(torch.zeros(3))
+        avg = ModelAverager(CompressedGroup(Policy("none"), transport), [("w", p)], outer_lr=0.5, outer_momentum=0.9)
+        with torch.no_grad():
+            p.copy_(torch.tensor([1.0, 2.0, 3.0]) * (transport.rank + 1))
+        avg.sync(0)
+        return p.detach().clone()
+
+    out = run_local(2, run)
+    delta = torch.tensor([1.0, 2.0, 3.0]) * 1.5  # mean of the two deltas
+    g = -delta
+    expected = -0.5 * (g + 0.9 * g)  # Nesterov with a fresh buffer b = g: step along g + β·b
+    torch.testing.assert_close(out[0], expected)
+    torch.testing.assert_close(out[1], expected)
+
+
+# ------------------------------------------------------------------ LAQ (T9)
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_laq_quantizer_error_is_within_tau_r_and_codes_in_range(bits):
+    q = make_codec("laq", {"bits": bits})
+    v = torch.randn(10_000, generator=torch.Generator().manual_seed(bits))
+    radius, codes = q.quantize(v)
+    tau = 1 / (2**bits - 1)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 2**bits - 1
+    info = TensorInfo("v", (v.numel(),))
+    decoded = q.decode(q.encode(v, info), info)
+    assert float((decoded - v).abs().max()) <= tau * float(radius) * (1 + 1e-6)
+
+
+def _laq_run(transport, xi: float, error_weight: float, steps: int, full_batch: bool, lr: float = 0.5,
+             max_skips: int = 100, dense: bool = False):
+    model = _model()
+    params = list(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    group = CompressedGroup(Policy("none", min_numel=0), transport)
+    laq = LAQ(group, [(n, p.numel()) for n, p in params], bits=4, xi=xi, error_weight=error_weight,
+              max_skips=max_skips)
+    x, y = _shard(transport.rank, transport.world)
+    g = torch.Generator().manual_seed(transport.rank)
+    uploads, invariant, losses = 0, 0.0, []
+    for step in range(steps):
+        idx = slice(None) if full_batch else torch.randint(len(y), (32,), generator=g)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        grads = {n: p.grad for n, p in params}
+        before = torch.cat([p.detach().reshape(-1) for _, p in params]).clone()
+        if dense:
+            avg, _ = group.allreduce_mean(grads, step)
+        else:
+            avg, _, up = laq.exchange(grads, step, lr)
+            uploads += int(up)
+            invariant = max(invariant, laq.invariant_error())
+        for n, p in params:
+            p.grad.copy_(avg[n])
+        opt.step()
+        laq.observe_params(float(((torch.cat([p.detach().reshape(-1) for _, p in params]) - before) ** 2).sum()))
+        losses.append(loss.item())
+    full_loss = float(F.cross_entropy(model(TRAIN.x), TRAIN.y))
+    return {"uploads": uploads, "invariant": invariant, "loss": full_loss, "state": laq.state}
+
+
+def test_laq_server_aggregate_always_equals_the_sum_of_worker_references():
+    results = run_local(4, _laq_run, 0.8, 3.0, 40, False)
+    for r in results:
+        assert r["invariant"] < 1e-4
+    # every worker holds the same references, so the same aggregate
+    for r in results[1:]:
+        assert torch.equal(r["state"].aggregate, results[0]["state"].aggregate)
+
+
+def test_laq_with_zero_threshold_uploads_every_round():
+    results = run_local(3, _laq_run, 0.0, 0.0, 15, False)
+    assert [r["uploads"] for r in results] == [15, 15, 15]
+
+
+def test_laq_forces_an_upload_after_max_skips():
+    results = run_local(2, _laq_run, 100.0, 3.0, 20, True, 0.5, 3)
+    for r in results:
+        assert r["uploads"] >= 20 // 4  # at most 3 skips in a row
+
+
+def test_laq_reaches_the_loss_of_dense_gradient_descent_with_far_fewer_uploads():
+    # Full-batch gradient descent on digits, 4 workers (the paper's deterministic setting, §4.4 defaults).
+    steps = 150
+    dense = run_local(4, _laq_run, 0.8, 3.0, steps, True, 0.2, 100, True)
+    lazy = run_local(4, _laq_run, 0.8, 3.0, steps, True, 0.2, 100, False)
+    total_uploads = sum(r["uploads"] for r in lazy)
+    assert total_uploads <= 0.2 * 4 * steps, total_uploads  # measured: 54 of 600
+    assert lazy[0]["loss"] <= dense[0]["loss"] * 1.05, (lazy[0]["loss"], dense[0]["loss"])
+
+
+def test_laq_departed_worker_reference_is_removed_from_the_aggregate():
+    def run(transport):
+        res = _laq_run(transport, 0.8, 3.0, 5, False)
+        return res
+
+    results = run_local(2, run)
+    state = results[0]["state"]
+    group = CompressedGroup(Policy("none"), type("T", (), {"rank": 0, "world": 2})())
+    laq = LAQ(group, [("w", state.aggregate.numel())])
+    laq.state = state
+    laq.reset_worker(1)
+    torch.testing.assert_close(laq.state.aggregate, state.refs[0], rtol=0, atol=1e-5)
+    assert float(laq.state.refs[1].abs().sum()) == 0.0
