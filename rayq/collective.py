@@ -134,9 +134,18 @@ def run_local(world: int, fn, *args, timeout_s: float = 120.0) -> list:
     return results
 
 
+@dataclass(frozen=True)
+class WireRecord:
+    """One collective on the wire: its kind (a netsim model), rounds, and every worker's bytes sent."""
+
+    kind: str
+    rounds: int
+    bytes_up: tuple[int, ...]
+
+
 @dataclass
 class Ledger:
-    """What one collective call moved, for this worker."""
+    """What one collective call moved, for this worker (and, in ``wire``, what every worker sent)."""
 
     elements: int = 0
     bytes_up: int = 0
@@ -149,6 +158,7 @@ class Ledger:
     err_sq: float = 0.0
     ref_sq: float = 0.0
     packet_bytes: list[int] = field(default_factory=list)
+    wire: list[WireRecord] = field(default_factory=list)
 
     @property
     def bits_per_element(self) -> float:
@@ -167,6 +177,7 @@ class Ledger:
         for name in ("elements", "bytes_up", "bytes_down", "packets", "rounds", "encode_s", "comm_s",
                      "decode_s", "err_sq", "ref_sq"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.wire.extend(other.wire)
 
 
 def _single_round(codec: Codec) -> bool:
@@ -243,6 +254,7 @@ class CompressedGroup:
 
     def _linear(self, entries: list[Entry], flats: dict[str, torch.Tensor], step: int, ledger: Ledger,
                 clock: _Clock, measure: bool) -> dict[str, torch.Tensor]:
+        start_up, start_rounds = ledger.bytes_up, ledger.rounds
         gens: dict[str, Generator[Packet, Packet, torch.Tensor]] = {}
         pending: dict[str, Packet] = {}
         results: dict[str, torch.Tensor] = {}
@@ -276,6 +288,8 @@ class CompressedGroup:
                     results[k] = stop.value / self.world
             pending = nxt
             ledger.decode_s += clock.now() - t2
+        up = ledger.bytes_up - start_up
+        ledger.wire.append(WireRecord("allreduce", ledger.rounds - start_rounds, (up,) * self.world))
         return results
 
     def _sum_fields(self, packets: list[Packet]) -> list[Packet]:
@@ -323,6 +337,7 @@ class CompressedGroup:
         t2 = clock.now()
         ledger.comm_s += t2 - t1
         ledger.bytes_down += sum(len(f) for w, f in enumerate(frames) if w != self.rank)
+        ledger.wire.append(WireRecord("allgather", 1, tuple(len(f) for f in frames)))
         device = flats[entries[0].key].device
         decoded: list[list[torch.Tensor]] = [[] for _ in entries]
         for w, data in enumerate(frames):

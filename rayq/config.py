@@ -128,6 +128,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    cluster: str | dict[str, Any] | None = None
     eval_every: int = 50
     report_every: int = 10
     checkpoint_every: int = 50
@@ -154,6 +155,13 @@ class RunConfig:
         _check(self.max_failures >= -1, f"{p}max_failures", self.max_failures, "an integer >= -1 (-1 = unlimited)")
         if self.name is not None:
             _check(bool(self.name) and "/" not in self.name, f"{p}name", self.name, "a non-empty name without '/'")
+        if self.cluster is not None:
+            from rayq.profiles import parse_profile
+
+            try:
+                parse_profile(self.cluster)
+            except ConfigError as err:
+                raise ConfigError(f"{p}cluster: {err}") from err
         if self.resume is not None:
             _check(Path(self.resume).is_dir(), f"{p}resume", self.resume, "an existing checkpoint directory")
 

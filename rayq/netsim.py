@@ -519,3 +519,51 @@ def time_to_accuracy(points: Iterable[tuple[float, float]], target: float) -> fl
         if acc is not None and not math.isnan(acc) and acc >= target:
             return float(t)
     return None
+
+
+class WireLike(Protocol):
+    kind: str
+    rounds: int
+    bytes_up: Sequence[int]
+
+
+def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
+    """Seconds of communication in one training step: its collectives run one after another."""
+    total = 0.0
+    for rec in wire:
+        up = list(rec.bytes_up)
+        everyone = sum(up)
+        total += transfer_seconds(rec.kind, up, [everyone - b for b in up], links, rec.rounds)
+    return total
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """One training step as the trainer records it in ``trace.jsonl`` (rank 0)."""
+
+    step: int
+    compute_s: float
+    wire: tuple[tuple[str, int, tuple[int, ...]], ...]
+
+
+def replay(steps: Iterable[TraceStep], links: Sequence[Link], speed_factors: Sequence[float] | None = None,
+           compute_scale: float = 1.0) -> dict[int, float]:
+    """Simulated time after each step of a recorded run on another network: ``{step: seconds}``.
+
+    Synchronous schedules do not depend on the network, so one recorded run gives its time-to-accuracy
+    on every profile. ``compute_scale`` rescales the measured compute time (e.g. to a faster device).
+    """
+    clock = VirtualClock(len(links), speed_factors)
+    out = {}
+    for s in steps:
+        recs = [_Wire(k, r, b) for k, r, b in s.wire]
+        clock.step(s.compute_s * compute_scale, step_comm_seconds(recs, links))
+        out[s.step] = clock.now
+    return out
+
+
+@dataclass(frozen=True)
+class _Wire:
+    kind: str
+    rounds: int
+    bytes_up: tuple[int, ...]

@@ -22,7 +22,7 @@ import torch
 
 from compressors import Packet, TensorInfo
 from compressors.laq import LAQQuantizer
-from rayq.collective import CompressedGroup, Ledger
+from rayq.collective import CompressedGroup, Ledger, WireRecord
 
 
 @dataclass
@@ -147,6 +147,7 @@ class ModelAverager:
         local_sq = sum(float((d.double() ** 2).sum()) for d in deltas.values())
         mean_delta, ledger = self.group.allreduce_mean(deltas, step, measure=True)
         mean_sq = self.group.transport.all_reduce_sum(torch.tensor([local_sq], dtype=torch.float64))
+        ledger.wire.append(WireRecord("allreduce", 1, (8,) * self.group.world))
         avg_sq = sum(float((d.double() ** 2).sum()) for d in mean_delta.values())
         variance = max(0.0, float(mean_sq[0]) / self.group.world - avg_sq)
         with torch.no_grad():
@@ -254,6 +255,7 @@ class LAQ:
         ledger.rounds = 1
         frames = self.group.transport.all_gather_bytes(frame)
         ledger.bytes_down = sum(len(f) for w, f in enumerate(frames) if w != rank)
+        ledger.wire.append(WireRecord("allgather", 1, tuple(len(f) for f in frames)))
         for w, data in enumerate(frames):
             first, pos = Packet.read(data, 0)
             if not first.fields:

@@ -112,3 +112,24 @@ def summary_table(result: dict[str, Any]) -> str:
         ("checkpoints", str(result["checkpoint"] or "(none)")),
     ]
     return table(rows, title="rayq summary")
+
+
+def read_trace(path: Path) -> tuple[list, dict[int, float]]:
+    """Read a run's ``trace.jsonl``: its steps (netsim.TraceStep, in order) and ``{step: eval accuracy}``.
+
+    A run resumed after a crash may have logged some steps twice; the later record of a step wins.
+    """
+    import json
+
+    from rayq.netsim import TraceStep
+
+    steps: dict[int, TraceStep] = {}
+    evals: dict[int, float] = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if "eval_step" in rec:
+            evals[rec["eval_step"]] = rec["eval/accuracy"]
+        else:
+            wire = tuple((k, r, tuple(b)) for k, r, b in rec["wire"])
+            steps[rec["step"]] = TraceStep(rec["step"], rec["compute_s"], wire)
+    return [steps[k] for k in sorted(steps)], evals

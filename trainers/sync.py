@@ -12,6 +12,7 @@ checkpoint continues bit-exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -29,6 +30,8 @@ from compressors.policy import Override, Policy
 from rayq import checkpoint as ckpt
 from rayq.collective import CompressedGroup, Ledger, TorchTransport
 from rayq.config import RunConfig, from_dict
+from rayq.netsim import VirtualClock, step_comm_seconds
+from rayq.profiles import load_profile
 from rayq.sync import LAQ, Adaptive, EveryStep, ModelAverager, Periodic, SyncStats
 from rayq.tasks import Split, get_task
 from rayq.telemetry import TensorBoardLog
@@ -204,11 +207,19 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     if averager is not None and not (codec_state and "averager" in codec_state):
         averager.reset_anchor()  # the anchor is the model every replica starts this run from
+    clock, links = None, None
+    if cfg.cluster is not None:
+        profile = load_profile(cfg.cluster, world, cfg.seed)
+        clock, links = VirtualClock(world, profile.speed_factors), profile.links
+        if source and state["meta"].get("clock"):
+            clock.load_state_dict(state["meta"]["clock"])
+    trace = open(run_dir / "trace.jsonl", "a") if rank == 0 else None
     tb = TensorBoardLog(run_dir / "tensorboard") if rank == 0 else None
     if tb and source:
         tb.text("run/events", f"{source} from step {start_step}", start_step)
     window = Ledger()
     window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
+    window_sim_comm = 0.0
     last: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
     skipped, syncs, last_variance = 0, 0, 0.0
@@ -260,6 +271,13 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 laq.observe_params(float(((after - before) ** 2).sum()))
         window.add(ledger)
         bytes_total += ledger.bytes_up
+        if clock is not None:
+            comm = step_comm_seconds(ledger.wire, links)
+            clock.step(t1 - t0, comm)
+            window_sim_comm += comm
+        if trace is not None:
+            trace.write(json.dumps({"step": step + 1, "compute_s": t1 - t0,
+                                    "wire": [[w.kind, w.rounds, list(w.bytes_up)] for w in ledger.wire]}) + "\n")
         window_loss += float(loss.detach())
         window_steps += 1
         window_compute += t1 - t0
@@ -286,6 +304,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             "train/skipped_steps": skipped,
             "sync/count": syncs,
         }
+        if clock is not None:
+            metrics["sim/time_s"] = clock.now
+            metrics["sim/comm_s"] = window_sim_comm / window_steps
         if schedule.mode == "model":
             metrics["sync/period"] = schedule.period  # type: ignore[attr-defined]
             metrics["sync/variance"] = last_variance
@@ -302,6 +323,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             average_buffers(model, device)
             acc, eval_loss = evaluate(model, test, rank, world, device)
             last_eval = {"eval/accuracy": acc, "eval/loss": eval_loss}
+            if trace is not None:
+                trace.write(json.dumps({"eval_step": done, "eval/accuracy": acc, "eval/loss": eval_loss}) + "\n")
+                trace.flush()
         metrics.update(last_eval)
         save_now = final or (cfg.checkpoint_every and
                              (done // cfg.checkpoint_every) > ((done - window_steps) // cfg.checkpoint_every))
@@ -314,6 +338,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 model_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "rng": torch.get_rng_state()} if rank == 0 else None
                 meta = {"step": done, "world": world, "wall_s": metrics["time/wall_s"],
+                        "clock": clock.state_dict() if clock is not None else None,
                         "bytes_up_total": bytes_total, "task": cfg.task, "codec": cfg.compression.codec}
                 state = {"policy": group.state_dict(), "schedule": schedule.state_dict()}
                 if averager is not None:
@@ -327,7 +352,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         last = metrics
         window = Ledger()
         window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
+        window_sim_comm = 0.0
 
+    if trace is not None:
+        trace.close()
     if tb:
         tb.hparams(cfg.to_dict(), {k: v for k, v in last.items() if k.startswith(("eval/", "comm/bits", "comm/comp"))})
         tb.close()
