@@ -85,40 +85,74 @@ def check_before_start(cfg: RunConfig) -> None:
                           "name, or continue it with --resume <checkpoint dir>")
 
 
-def train(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None = None,
-          address: str | None = None) -> dict[str, Any]:
-    """Run one training job to completion and return its summary (also written to summary.json)."""
-    import json
-
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
-
+def prepare(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Resolve and check a config, create its run directory and save the resolved config there."""
     cfg = resolve(cfg)
     check_before_start(cfg)
     run_dir = Path(cfg.output_dir) / str(cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.dump(run_dir / "config.yaml")
-    init_ray(address)
+    return cfg, run_dir
+
+
+def make_trainer(cfg: RunConfig, run_dir: Path, progress: Any = None, callbacks: list | None = None):
+    """The Ray Train ``TorchTrainer`` for a prepared config (used by ``train`` and by Tune trials)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu and cfg.gpus_per_worker >= 1 else "gloo")
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         find_trainer(cfg.trainer),
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "progress": queue},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "progress": progress},
         torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
-            name=cfg.name, storage_path=cfg.output_dir,
+            name=cfg.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks or [],
         ),
     )
+
+
+def summarize(cfg: RunConfig, run_dir: Path, result: Any, wall_s: float) -> dict[str, Any]:
+    """The run's final figures (the CLI's summary table), also written to ``summary.json``."""
+    import json
+
+    final = dict(result.return_value or {})
+    elements = final.get("comm/elements", 0)
+    steps = final.get("step", 0)
+    summary = {
+        **{k: v for k, v in final.items() if isinstance(v, (int, float, str))},
+        "run": cfg.name, "task": cfg.task, "codec": cfg.compression.codec, "workers": cfg.workers,
+        "comm/bytes_up_total": final.get("comm/bytes_up_total", 0),
+        "wall_s": wall_s,
+        "run_dir": str(run_dir),
+        "tensorboard": str(run_dir / "tensorboard"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    if elements and steps:
+        bits = 8.0 * summary["comm/bytes_up_total"] / (elements * steps)
+        summary["comm/bits_per_element"] = bits
+        summary["comm/compression_ratio"] = 32.0 / bits
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def train(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None = None,
+          address: str | None = None) -> dict[str, Any]:
+    """Run one training job to completion and return its summary (also written to summary.json)."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    cfg, run_dir = prepare(cfg)
+    init_ray(address)
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = make_trainer(cfg, run_dir, progress=queue)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -144,25 +178,7 @@ def train(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None =
         pass
     if "error" in outcome:
         raise TrainingError(describe_failure(outcome["error"])) from outcome["error"]
-    result = outcome["result"]
-    final = dict(result.return_value or {})
-    elements = final.get("comm/elements", 0)
-    steps = final.get("step", 0)
-    summary = {
-        **{k: v for k, v in final.items() if isinstance(v, (int, float, str))},
-        "run": cfg.name, "task": cfg.task, "codec": cfg.compression.codec, "workers": cfg.workers,
-        "comm/bytes_up_total": final.get("comm/bytes_up_total", 0),
-        "wall_s": time.perf_counter() - started,
-        "run_dir": str(run_dir),
-        "tensorboard": str(run_dir / "tensorboard"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-    }
-    if elements and steps:
-        bits = 8.0 * summary["comm/bytes_up_total"] / (elements * steps)
-        summary["comm/bits_per_element"] = bits
-        summary["comm/compression_ratio"] = 32.0 / bits
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return summarize(cfg, run_dir, outcome["result"], time.perf_counter() - started)
 
 
 def describe_failure(err: BaseException) -> str:
