@@ -197,10 +197,11 @@ class _Clock:
 
 
 class CompressedGroup:
-    def __init__(self, policy: Policy, transport: Transport, seed: int = 0) -> None:
+    def __init__(self, policy: Policy, transport: Transport, seed: int = 0, strategy: str = "auto") -> None:
         self.policy = policy
         self.transport = transport
         self.seed = seed
+        self.strategy = strategy
         self._plan: list[Entry] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
 

@@ -57,6 +57,7 @@ class OverrideConfig:
 class CompressionConfig:
     codec: str = "qsgd"
     params: dict[str, Any] = field(default_factory=dict)
+    strategy: Literal["auto", "allreduce", "allgather", "two_phase"] = "auto"
     error_feedback: bool = False
     min_numel: int = 256
     bucket_small: bool = True

@@ -173,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     optimizer = build_optimizer(cfg, model)
     policy = build_policy(cfg)
     transport = TorchTransport(device if dist.get_backend() == "nccl" else torch.device("cpu"))
-    group = CompressedGroup(policy, transport, seed=cfg.seed)
+    group = CompressedGroup(policy, transport, seed=cfg.seed, strategy=cfg.compression.strategy)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     schedule, averager, laq = build_schedule(cfg, group, params, plan, device)
 
