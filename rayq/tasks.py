@@ -161,8 +161,21 @@ def load_cifar10(data_dir: str | None) -> tuple[Split, Split]:
     from torchvision.datasets import CIFAR10
 
     class LocalCIFAR10(CIFAR10):
-        def _check_integrity(self) -> bool:  # noqa: D401 - local data: trust the files' format
+        """Reads local files without torchvision's md5 checks (the format is still checked by unpickling)."""
+
+        def _check_integrity(self) -> bool:
             return (Path(self.root) / self.base_folder).is_dir()
+
+        def _load_meta(self) -> None:
+            import pickle
+
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise DataError(f"{path} is missing: a cifar-10-batches-py folder holds batches.meta, "
+                                "data_batch_1..5 and test_batch")
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     how = ("pass --data-dir with torchvision's `cifar-10-batches-py` folder inside it, or run with internet "
            "so torchvision can download it")
