@@ -11,7 +11,7 @@ from typing import Any
 from rayq import __version__
 
 #: Modules that add their own subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["rayq.bench", "rayq.jobs", "rayq.tune"]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rayq.config import ConfigError, load_config
     from rayq.launch import TrainingError, train
     from rayq.tasks import DataError
-    from rayq.telemetry import progress_line, summary_table
+    from rayq.telemetry import console_line, summary_table
 
     try:
         cfg = load_config(args.config, args.sets, extra=_extra(args))
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_progress(m: dict[str, Any]) -> None:
         if not args.quiet:
-            print(f"[{time.perf_counter() - started:6.1f}s] {progress_line(m, m['total_steps'])}", flush=True)
+            print(f"[{time.perf_counter() - started:6.1f}s] {console_line(m)}", flush=True)
 
     try:
         summary = train(cfg, on_progress=on_progress, address=args.address)

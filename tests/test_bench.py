@@ -1,0 +1,31 @@
+"""`rayq bench codecs` runs on a small size and its figures are sane (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import compressors
+from rayq.cli import main
+
+
+def test_bench_codecs_writes_json_and_markdown_with_sane_figures(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "codecs", "--sizes", "20000", "--repeat", "1", "--cpu-only", "--out", str(out)]) == 0
+    rows = json.loads((out / "codecs.json").read_text())["results"]
+    assert {r["codec"] for r in rows} == set(compressors.REGISTRY)
+    assert {r["data"] for r in rows} == {"gaussian", "gradient"}
+    by = {(r["codec"], r["data"]): r for r in rows}
+    for data in ("gaussian", "gradient"):
+        assert by[("none", data)]["distortion"] == 0.0
+        assert 32 < by[("none", data)]["bits_per_element"] < 32.1
+        assert 16 < by[("fp16", data)]["bits_per_element"] < 16.1
+        assert by[("fp16", data)]["distortion"] < 1e-6
+        assert by[("powersgd", data)]["bits_per_element"] < 4  # rank 2 on a 20×1000 matrix: ~2.1 bits
+    for r in rows:
+        assert 0 < r["bits_per_element"] < 40, r
+        assert r["bytes"] == round(r["bits_per_element"] * r["numel"] / 8)
+        assert r["encode_elems_per_s"] and r["encode_elems_per_s"] > 0
+        assert math.isfinite(r["distortion"]) and r["distortion"] >= 0
+    md = (out / "codecs.md").read_text()
+    assert md.count("\n") == len(rows) + 2 and "| cpu | gaussian | 20,000 | qsgd |" in md
