@@ -23,8 +23,7 @@ import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.packet import Packet
-from compressors.sparse_index import densify, sparse_fields
-from compressors.topk import check_density, density_count
+from compressors.sparse_index import check_density, densify, density_count, sparse_fields
 
 
 @register

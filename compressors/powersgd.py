@@ -9,14 +9,19 @@ Per tensor viewed as a matrix n × m (n = shape[0], m = the rest), on worker w w
     E_w ← M_w − P̂ Qᵀ
 
 The memory is the residual against the *aggregated* approximation, as in the reference code
-(``paper-code/gradient_reducers.py::RankKReducer``), so E_w + P̂Qᵀ = M_w holds exactly. Both rounds
+(``paper-code/gradient_reducers.py::RankKReducer``), so E_w + P̂Qᵀ = M_w holds exactly. The
+rounds see only Σ_w M_w, so the aggregate is the same as with the local residual (I − P̂P̂ᵀ)M_w
+(equal Σ_w E_w); but E_w here also carries M_w − mean(M), which sums to zero over workers and
+random-walks on each one (‖E_w‖ grows like √steps under gradient noise). Both rounds
 are sums of same-shaped fp32 fields: a linear, two-round codec, reduced with all-reduce. The first Q
 is N(0, 1) from the generator shared by all workers, so every worker starts from the same Q.
 
 Tensors that are 1-D, or whose matrix would compress by less than ``min_compression_rate``
 (n·m / (r(n + m))), and every tensor before step ``start_iter``, go as one dense fp32 round.
-State (Q and E per tensor name) is per worker: reset it on every worker together, since a worker
-that restarts from a fresh Q while the others keep theirs breaks the shared-Q assumption.
+State (Q and E per tensor name) is per worker. A worker whose state was reset (rejoin, §16) starts
+from the shared initial Q while the others keep theirs; that step is still the projection of the
+mean onto one span(P̂) shared by all, and since the next Q is an average every worker holds the same
+Q again after it.
 """
 
 from __future__ import annotations
@@ -137,14 +142,6 @@ class PowerSGD(Codec):
             raise PacketError(f"powersgd factors have shapes {tuple(p_hat.shape)}, {tuple(q.shape)}; "
                               f"{(n, r)}, {(m, r)} expected for {info.name!r}")
         return (p_hat.to(torch.float32) @ q.to(torch.float32).t()).reshape(-1)
-
-    def compression_rate(self, info: TensorInfo) -> float:
-        """Dense floats over sent floats (payload only) for this tensor."""
-        shape = self.matrix_shape(info) if info.step >= self.start_iter else None
-        if shape is None:
-            return 1.0
-        n, m, r = shape
-        return n * m / (r * (n + m))
 
     # -- Stateful ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

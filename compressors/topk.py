@@ -17,17 +17,7 @@ import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.packet import Packet, PacketError
-from compressors.sparse_index import densify, sparse_fields
-
-
-def density_count(density: float, numel: int) -> int:
-    """k = max(1, ⌊ρ·d⌋), at most d (§6.1)."""
-    return min(numel, max(1, int(density * numel)))
-
-
-def check_density(density: float) -> None:
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density} must be in (0, 1]")
+from compressors.sparse_index import check_density, densify, density_count, sparse_fields
 
 
 @register
