@@ -177,6 +177,155 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- end to end: time to accuracy
+
+#: name → config overrides. Every configuration trains the same task; only what crosses the wire differs.
+E2E_CONFIGS: dict[str, list[str]] = {
+    "dense": ["compression.codec=none"],
+    "fp16": ["compression.codec=fp16"],
+    "qsgd": ["compression.codec=qsgd"],
+    "topk+ef": ["compression.codec=topk", "compression.error_feedback=true"],
+    "powersgd": ["compression.codec=powersgd"],
+    "rcfed": ["compression.codec=rcfed"],
+    "laq": ["compression.codec=none", "sync.schedule=laq"],
+    "local-sgd": ["compression.codec=none", "sync.schedule=periodic", "sync.period=8"],
+    "ddp-powersgd-hook": ["trainer=ddp", "ddp.hook=powersgd"],
+}
+E2E_PROFILES = ["volunteer-100m", "cloud-1g", "datacenter-10g"]
+
+
+def curve(trace_path: Path, profile: str, workers: int, seed: int) -> dict[str, Any]:
+    """Replay a run's trace on a network profile: accuracy against simulated time and against bits."""
+    from rayq.netsim import replay
+    from rayq.profiles import load_profile
+    from rayq.telemetry import read_trace
+
+    steps, evals = read_trace(trace_path)
+    prof = load_profile(profile, workers, seed)
+    times = replay(steps, prof.links, prof.speed_factors)
+    cumulative, bits = 0, {}
+    for s in steps:
+        cumulative += sum(sum(b) for _, _, b in s.wire) * 8
+        bits[s.step] = cumulative
+    points = [(times[k], bits[k], k, acc) for k, acc in sorted(evals.items()) if k in times]
+    return {"profile": profile, "points": points, "total_sim_s": times[steps[-1].step] if steps else 0.0}
+
+
+def time_to_target(points: list, target: float) -> tuple[float | None, float | None, int | None]:
+    for t, b, k, acc in points:
+        if acc >= target:
+            return t, b, k
+    return None, None, None
+
+
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from rayq.config import load_config
+    from rayq.launch import TrainingError, train
+
+    names = args.configs.split(",") if args.configs else list(E2E_CONFIGS)
+    unknown = [n for n in names if n not in E2E_CONFIGS]
+    if unknown:
+        print(f"rayq bench e2e: unknown configuration(s) {unknown}; choose from: {', '.join(E2E_CONFIGS)}")
+        return 2
+    profiles = args.profiles.split(",")
+    out = Path(args.out or f"bench_out/e2e-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"task={args.task}", f"workers={args.workers}", f"eval_every={args.eval_every}",
+              f"report_every={args.eval_every}", "checkpoint_every=0", f"seed={args.seed}"]
+    if args.max_steps:
+        common.append(f"max_steps={args.max_steps}")
+    print(f"rayq bench e2e: {len(names)} configurations on {args.task} with {args.workers} workers, "
+          f"profiles {profiles}, target accuracy {args.target} -> {out}")
+    results = []
+    for name in names:
+        cfg = load_config(None, common + E2E_CONFIGS[name] + list(args.set or []),
+                          extra={"name": f"e2e-{name}", "output_dir": str(out / "runs")})
+        print(f"- {name}: training ({' '.join(E2E_CONFIGS[name])})", flush=True)
+        try:
+            summary = train(cfg)
+        except TrainingError as err:
+            print(f"  failed: {err}")
+            results.append({"config": name, "error": str(err)})
+            continue
+        trace = Path(summary["run_dir"]) / "trace.jsonl"
+        row: dict[str, Any] = {"config": name, "sets": E2E_CONFIGS[name], "final_accuracy": summary["eval/accuracy"],
+                               "steps": summary["step"], "wall_s": summary["wall_s"],
+                               "bits_per_element": summary.get("comm/bits_per_element"), "profiles": {}}
+        for profile in profiles:
+            c = curve(trace, profile, args.workers, args.seed)
+            t, b, k = time_to_target(c["points"], args.target)
+            row["profiles"][profile] = {"time_to_target_s": t, "bits_to_target": b, "step_to_target": k,
+                                        "total_sim_s": c["total_sim_s"], "points": c["points"]}
+            print(f"  {profile:15} time to {args.target:.2f}: {_fmt_s(t)}  (run: {_fmt_s(c['total_sim_s'])} simulated)")
+        results.append(row)
+    dense = next((r for r in results if r["config"] == "dense" and "error" not in r), None)
+    for r in results:
+        if "error" in r or dense is None:
+            continue
+        for p in profiles:
+            td, tr = dense["profiles"][p]["time_to_target_s"], r["profiles"][p]["time_to_target_s"]
+            r["profiles"][p]["speedup_vs_dense"] = td / tr if td and tr else None
+    meta = {"environment": environment(), "task": args.task, "workers": args.workers, "target": args.target,
+            "profiles": profiles, "command": "rayq " + " ".join(args.argv)}
+    (out / "e2e.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    table = e2e_markdown(results, profiles, args.target)
+    (out / "e2e.md").write_text(table + "\n")
+    plot_e2e(results, profiles[0], args.target, out / "e2e.png")
+    print(table)
+    print(f"wrote {out / 'e2e.json'}, {out / 'e2e.md'} and {out / 'e2e.png'}")
+    return 0
+
+
+def _fmt_s(t: float | None) -> str:
+    return "not reached" if t is None else f"{t:.2f} s"
+
+
+def e2e_markdown(results: list[dict], profiles: list[str], target: float) -> str:
+    head = "| configuration | final acc | bits/elem | wall s |" + "".join(
+        f" {p}: time to {target:.2f} (speed-up) |" for p in profiles)
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(profiles)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['config']} | failed | | |" + " |" * len(profiles))
+            continue
+        cells = []
+        for p in profiles:
+            pr = r["profiles"][p]
+            sp = pr.get("speedup_vs_dense")
+            cells.append(f" {_fmt_s(pr['time_to_target_s'])}" + (f" ({sp:.1f}x)" if sp else "") + " |")
+        bpe = r["bits_per_element"]
+        lines.append(f"| {r['config']} | {r['final_accuracy']:.4f} | {bpe:.2f} | {r['wall_s']:.0f} |" + "".join(cells)
+                     if bpe is not None else f"| {r['config']} | {r['final_accuracy']:.4f} | - | {r['wall_s']:.0f} |" +
+                     "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_e2e(results: list[dict], profile: str, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        if "error" in r:
+            continue
+        pts = r["profiles"][profile]["points"]
+        ax1.plot([p[0] for p in pts], [p[3] for p in pts], marker=".", label=r["config"])
+        ax2.plot([max(p[1], 1) for p in pts], [p[3] for p in pts], marker=".", label=r["config"])
+    for ax, xlabel in ((ax1, f"simulated time on {profile} (s)"), (ax2, "bits uploaded, all workers")):
+        ax.axhline(target, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle("rayq bench e2e: accuracy vs simulated time and vs bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: codec throughput and rate-distortion, end-to-end time")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -188,3 +337,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
     p.add_argument("--out", help="output directory (default bench_out/codecs-<time>)")
     p.set_defaults(func=cmd_bench_codecs)
+
+    p = bsub.add_parser("e2e", help="time to target accuracy in simulated seconds on several networks")
+    p.add_argument("--task", default="digits-wide", help="task (default digits-wide: communication-bound)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--configs", help=f"comma-separated subset of: {', '.join(E2E_CONFIGS)}")
+    p.add_argument("--profiles", default=",".join(E2E_PROFILES), help="network profiles (clusters/*.yaml)")
+    p.add_argument("--target", type=float, default=0.95, help="target test accuracy")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluation interval in steps (curve resolution)")
+    p.add_argument("--max-steps", type=int, help="cap steps per run (default: the task's epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for every run")
+    p.add_argument("--out", help="output directory (default bench_out/e2e-<time>)")
+    p.set_defaults(func=cmd_bench_e2e)

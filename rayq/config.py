@@ -70,6 +70,13 @@ class CompressionConfig:
             make_codec(self.codec, self.params)
         except CodecError as err:
             raise ConfigError(str(err)) from err
+        from rayq.collective import check_strategy
+
+        for codec in [self.codec] + [o.codec for o in self.overrides]:
+            try:
+                check_strategy(codec, self.strategy)
+            except ValueError as err:
+                raise ConfigError(f"{path}: {err}") from err
         _check(self.min_numel >= 0, f"{path}.min_numel", self.min_numel, "an integer >= 0")
 
 
@@ -108,13 +115,128 @@ class SyncConfig:
         _check(self.error_weight >= 0, f"{path}.error_weight", self.error_weight, "a number >= 0")
 
 
-TASKS = ("digits", "fashion-mnist", "mnist", "cifar10")
+#: Fault kinds (rayq.faults) and the event fields each one uses besides ``kind``, ``worker`` and ``step``.
+FAULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "crash": (), "kill": (), "leave": ("duration",), "straggle": ("duration", "factor"),
+    "delay": ("seconds",), "lose": (), "corrupt": (),
+}
+
+
+@dataclass
+class FaultEventConfig:
+    """One planned fault: ``{step: 12, worker: 1, kind: crash}`` (rayq.faults has the meanings).
+
+    ``step`` is the step (collective mode) or round (volunteer mode) it fires at; ``duration`` the steps a
+    ``leave`` or ``straggle`` lasts (null = to the end); ``factor`` a straggler's slowdown; ``seconds``
+    the real time a ``delay`` holds a worker's reply back.
+    """
+
+    kind: str | None = None
+    worker: int | None = None
+    step: int | None = None
+    duration: int | None = None
+    factor: float | None = None
+    seconds: float | None = None
+
+    def validate(self, path: str) -> None:
+        kinds = ", ".join(FAULT_FIELDS)
+        _check(self.kind in FAULT_FIELDS, f"{path}.kind", self.kind, f"one of: {kinds}")
+        _check(self.worker is not None and self.worker >= 0, f"{path}.worker", self.worker, "a worker index >= 0")
+        if self.kind == "straggle":
+            _check(self.step is None or self.step >= 0, f"{path}.step", self.step, "a step >= 0, or null (from the start)")
+        else:
+            _check(self.step is not None and self.step >= 0, f"{path}.step", self.step, "a step >= 0")
+        for name in ("duration", "factor", "seconds"):
+            if getattr(self, name) is not None and name not in FAULT_FIELDS[self.kind]:  # type: ignore[index]
+                users = [k for k, fields in FAULT_FIELDS.items() if name in fields]
+                raise ConfigError(f"{path}.{name}={getattr(self, name)!r} is invalid for kind {self.kind!r}; "
+                                  f"{name} belongs to kind {' / '.join(users)}")
+        _check(self.duration is None or self.duration >= 1, f"{path}.duration", self.duration,
+               "a number of steps >= 1, or null (to the end)")
+        if self.kind == "straggle":
+            _check(self.factor is not None and self.factor >= 1, f"{path}.factor", self.factor, "a slowdown factor >= 1")
+        if self.kind == "delay":
+            _check(self.seconds is not None and self.seconds > 0, f"{path}.seconds", self.seconds, "real seconds > 0")
+
+
+@dataclass
+class FaultsConfig:
+    """Unreliable workers (rayq.faults): planned events plus what the cluster profile draws, from a seed."""
+
+    events: list[FaultEventConfig] = field(default_factory=list)
+    from_profile: bool = True
+    seed: int | None = None
+    packet_loss: float = 0.0
+    packet_corruption: float = 0.0
+    deadline: float = 0.0
+    restart_s: float = 30.0
+
+    def validate(self, path: str) -> None:
+        for key in ("packet_loss", "packet_corruption"):
+            _check(0 <= getattr(self, key) <= 1, f"{path}.{key}", getattr(self, key), "a probability in [0, 1]")
+        _check(self.deadline == 0 or self.deadline >= 1, f"{path}.deadline", self.deadline,
+               "0 (no deadline) or a multiple >= 1 of the median worker's step time")
+        _check(self.restart_s >= 0, f"{path}.restart_s", self.restart_s, "simulated seconds >= 0")
+        _check(self.seed is None or self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0, or null (the run seed)")
+
+
+@dataclass
+class VolunteerConfig:
+    """Volunteer mode (``trainer: volunteer``; ALGORITHMS.md §8 DeDLOC): peers accumulate samples at their own
+    speed until the collaboration reaches ``target_batch_size``, then average weighted by samples."""
+
+    target_batch_size: int = 128
+    microbatch: int | None = None
+    actors: int | None = None
+    cpus_per_actor: float = 0.25
+    sample_time_s: float | None = None
+    matchmaking_s: float = 0.5
+    round_timeout_s: float = 10.0
+    max_restarts: int = -1
+    target_accuracy: float | None = None
+    stop_at_target: bool = False
+
+    def validate(self, path: str) -> None:
+        _check(self.target_batch_size >= 1, f"{path}.target_batch_size", self.target_batch_size, "an integer >= 1")
+        _check(self.microbatch is None or self.microbatch >= 1, f"{path}.microbatch", self.microbatch,
+               "an integer >= 1, or null (batch_size)")
+        _check(self.actors is None or self.actors >= 1, f"{path}.actors", self.actors, "an integer >= 1, or null (one per peer)")
+        _check(self.cpus_per_actor > 0, f"{path}.cpus_per_actor", self.cpus_per_actor, "a number > 0")
+        _check(self.sample_time_s is None or self.sample_time_s > 0, f"{path}.sample_time_s", self.sample_time_s,
+               "simulated seconds > 0, or null (measured)")
+        _check(self.matchmaking_s >= 0, f"{path}.matchmaking_s", self.matchmaking_s, "simulated seconds >= 0")
+        _check(self.round_timeout_s > 0, f"{path}.round_timeout_s", self.round_timeout_s, "real seconds > 0")
+        _check(self.max_restarts >= -1, f"{path}.max_restarts", self.max_restarts, "an integer >= -1 (-1 = unlimited)")
+        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1, f"{path}.target_accuracy",
+               self.target_accuracy, "an accuracy in (0, 1], or null")
+        _check(not self.stop_at_target or self.target_accuracy is not None, f"{path}.stop_at_target",
+               self.stop_at_target, "false unless target_accuracy is set")
+
+
+@dataclass
+class DDPConfig:
+    """Trainer ``ddp``: which DistributedDataParallel communication hook averages the gradients.
+
+    ``rayq`` = rayq's compressed group (``compression.*``), ``powersgd`` = PyTorch's own
+    ``powerSGD_hook`` (the reference peer), ``allreduce`` = PyTorch's dense ``allreduce_hook``.
+    """
+
+    hook: Literal["rayq", "powersgd", "allreduce"] = "rayq"
+    powersgd_rank: int = 2
+    start_powersgd_iter: int = 10
+
+    def validate(self, path: str) -> None:
+        _check(self.powersgd_rank >= 1, f"{path}.powersgd_rank", self.powersgd_rank, "an integer >= 1")
+        _check(self.start_powersgd_iter >= 2, f"{path}.start_powersgd_iter", self.start_powersgd_iter,
+               "an integer >= 2 (PyTorch's hook needs two plain iterations for error feedback and warm start)")
+
+
 
 
 @dataclass
 class RunConfig:
     name: str | None = None
-    task: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"
+    task: Literal["digits", "digits-wide", "fashion-mnist", "mnist", "cifar10"] = "digits"
     data_dir: str | None = None
     trainer: str = "sync"
     seed: int = 0
@@ -129,6 +251,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     cluster: str | dict[str, Any] | None = None
     eval_every: int = 50
     report_every: int = 10
@@ -139,6 +262,8 @@ class RunConfig:
     collective_timeout_s: float = 60.0
     max_failures: int = 0
     on_nonfinite: Literal["raise", "skip"] = "raise"
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    volunteer: VolunteerConfig = field(default_factory=VolunteerConfig)
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
@@ -165,6 +290,9 @@ class RunConfig:
                 raise ConfigError(f"{p}cluster: {err}") from err
         if self.resume is not None:
             _check(Path(self.resume).is_dir(), f"{p}resume", self.resume, "an existing checkpoint directory")
+        from rayq.faults import check_config
+
+        check_config(self, p)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -204,6 +204,12 @@ def load_cifar10(data_dir: str | None) -> tuple[Split, Split]:
 TASKS: dict[str, Task] = {
     "digits": Task("digits", epochs=30, batch_size=32, lr=0.05, build_model=mlp, load=load_digits_split,
                    description="scikit-learn's bundled 8×8 handwritten digits (1,797 images), MLP 64-128-10"),
+    "digits-wide": Task("digits-wide", epochs=30, batch_size=32, lr=0.05,
+                        build_model=lambda: nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                                                          nn.ReLU(), nn.Linear(1024, 10)),
+                        load=load_digits_split,
+                        description="digits with a wide MLP 64-1024-1024-10 (1.1 M parameters): a "
+                                    "communication-bound variant for network benchmarks"),
     "fashion-mnist": Task("fashion-mnist", epochs=1, batch_size=32, lr=0.05, build_model=small_cnn,
                           load=load_fashion_mnist, description="Fashion-MNIST (Debian IDX files), small CNN"),
     "mnist": Task("mnist", epochs=1, batch_size=32, lr=0.05, build_model=small_cnn, load=load_mnist,

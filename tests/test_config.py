@@ -25,7 +25,7 @@ def test_yaml_then_set_overrides(tmp_path):
     (["compression.params.levels=0"], "levels=0 must be in 1..32768"),
     (["compression.params.norm=l3"], "compression.params.norm='l3' is not valid for codec 'qsgd'; choose one of: 'l2', 'max'"),
     (["compression.params.level=3"], "compression.params.level is not a parameter of codec 'qsgd'; allowed: levels"),
-    (["task=imagenet"], "task='imagenet' is invalid; choose one of: digits, fashion-mnist, mnist, cifar10"),
+    (["task=imagenet"], "task='imagenet' is invalid; choose one of: digits, digits-wide, fashion-mnist, mnist, cifar10"),
     (["workers=0"], "workers=0 is invalid; expected an integer >= 1"),
     (["workers=two"], "workers='two' is invalid; expected an integer"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; expected a positive number"),
