@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from compressors.packet import PacketError
+
 _SHIFTS8 = {}
 
 
@@ -68,3 +70,15 @@ def bucketize_flat(x: torch.Tensor, bucket: int) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x.new_zeros(pad)])
     return x.view(-1, bucket)
+
+
+def expect_field(field: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
+    """A packet field flattened, after checking the dtype and element count its decoder needs.
+
+    A packet whose CRC is fine can still disagree with the decoder (another codec version, other
+    parameters such as a different block size): that is a :class:`PacketError`, never garbage.
+    """
+    if field.dtype != dtype or field.numel() != numel:
+        raise PacketError(f"{what}: field holds {field.numel()} {field.dtype} elements, "
+                          f"the decoder needs {numel} {dtype}")
+    return field.reshape(-1)

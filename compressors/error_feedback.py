@@ -53,6 +53,9 @@ class ErrorFeedback(Codec):
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         return self.inner.decode(packet, info)
 
+    def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        return self.inner.aggregate(decoded, weights)
+
     def exchange(self, x: torch.Tensor, info: TensorInfo) -> ExchangeGen:
         packet, _ = self.encode_decode(x, info)
         reduced = yield packet

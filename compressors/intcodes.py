@@ -2,8 +2,8 @@
 
 γ(n) = ⌊log2 n⌋ zeros, then n in binary (MSB first): 2⌊log2 n⌋ + 1 bits.
 δ(n) = γ(⌊log2 n⌋ + 1), then the ⌊log2 n⌋ bits of n below its leading one:
-⌊log2 n⌋ + 2⌊log2(⌊log2 n⌋ + 1)⌋ + 1 bits. γ is shorter up to n = 15 (and ties at some larger n), δ
-beyond 31; :func:`encode_ints` picks the shorter for the whole stream from the exact lengths.
+⌊log2 n⌋ + 2⌊log2(⌊log2 n⌋ + 1)⌋ + 1 bits. γ is never longer up to n = 31, δ is shorter from
+n = 32 on; :func:`encode_ints` picks the shorter for a whole stream from the exact lengths.
 
 A stream is the codes back to back, packed LSB-first into bytes by :func:`compressors.bits.pack_bits`,
 zero-padded to a whole byte. The decoder is told how many codes to read.
@@ -27,7 +27,7 @@ from compressors.bits import pack_bits, unpack_bits
 from compressors.packet import PacketError
 
 MAX_VALUE = (1 << 62) - 1
-#: δ codes of values ≤ MAX_VALUE have at most this many leading zeros (⌊log2 63⌋).
+#: δ codes of values ≤ MAX_VALUE have at most this many leading zeros (⌊log2 62⌋).
 _DELTA_MAX_ZEROS = 5
 
 
@@ -39,12 +39,11 @@ class IntCode(enum.IntEnum):
 
 
 def floor_log2(values: torch.Tensor) -> torch.Tensor:
-    """⌊log2 n⌋ for int64 n in 1..2**62 − 1, exact (float log2 corrected by one step either way)."""
+    """⌊log2 n⌋ for int64 n in 1..2**62 − 1, exact: the float64 exponent, less one where the
+    conversion rounded n (> 2**53) up to the next power of two."""
     v = values.to(torch.int64)
-    f = torch.log2(v.to(torch.float64)).floor().to(torch.int64)
-    one = torch.ones_like(v)
-    f = torch.where((one << f) > v, f - 1, f)
-    return torch.where((one << (f + 1)) <= v, f + 1, f)
+    f = torch.frexp(v.to(torch.float64)).exponent.to(torch.int64) - 1
+    return torch.where((torch.ones_like(v) << f) > v, f - 1, f)
 
 
 def gamma_lengths(values: torch.Tensor) -> torch.Tensor:
@@ -60,7 +59,7 @@ def delta_lengths(values: torch.Tensor) -> torch.Tensor:
 
 def _check_values(values: torch.Tensor) -> torch.Tensor:
     v = values.reshape(-1).to(torch.int64)
-    if v.numel() and (bool((v < 1).any()) or bool((v > MAX_VALUE).any())):
+    if v.numel() and bool(((v < 1) | (v > MAX_VALUE)).any()):
         raise ValueError(f"Elias codes take integers in 1..{MAX_VALUE}; got min {int(v.min())}, max {int(v.max())}")
     return v
 
@@ -70,28 +69,39 @@ def _spans(width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = int(width.sum())
     owner = torch.repeat_interleave(torch.arange(width.numel(), device=width.device), width, output_size=total)
     first = torch.cumsum(width, 0) - width
-    return owner, torch.arange(total, device=width.device) - first[owner]
+    return owner, torch.arange(total, device=width.device) - first.index_select(0, owner)
 
 
 def _write(bits: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, width: torch.Tensor) -> None:
     """Write the low ``width`` bits of each value, MSB first, at ``pos`` of a 0/1 uint8 tensor."""
     owner, j = _spans(width)
-    shift = width[owner] - 1 - j
-    bits[pos[owner] + j] = ((value[owner] >> shift) & 1).to(torch.uint8)
+    shift = width.index_select(0, owner) - 1 - j
+    at = pos.index_select(0, owner) + j
+    bits.index_copy_(0, at, ((value.index_select(0, owner) >> shift) & 1).to(torch.uint8))
 
 
 def _read(bits: torch.Tensor, pos: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """Read ``width`` bits MSB first at ``pos`` (the inverse of :func:`_write`), as int64."""
     owner, j = _spans(width)
-    shift = width[owner] - 1 - j
+    shift = width.index_select(0, owner) - 1 - j
+    got = bits.index_select(0, pos.index_select(0, owner) + j)
     out = torch.zeros(pos.numel(), dtype=torch.int64, device=bits.device)
-    return out.index_add_(0, owner, bits[pos[owner] + j] << shift)
+    return out.index_add_(0, owner, got << shift)
 
 
 def encode_gamma(values: torch.Tensor) -> torch.Tensor:
     """γ-code a stream of positive integers; returns the packed bytes (uint8)."""
     v = _check_values(values)
-    low = floor_log2(v)
+    return _encode_gamma(v, floor_log2(v))
+
+
+def encode_delta(values: torch.Tensor) -> torch.Tensor:
+    """δ-code a stream of positive integers; returns the packed bytes (uint8)."""
+    v = _check_values(values)
+    return _encode_delta(v, floor_log2(v))
+
+
+def _encode_gamma(v: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     length = 2 * low + 1
     start = torch.cumsum(length, 0) - length
     bits = torch.zeros(int(length.sum()), dtype=torch.uint8, device=v.device)
@@ -99,22 +109,21 @@ def encode_gamma(values: torch.Tensor) -> torch.Tensor:
     return pack_bits(bits, 1)
 
 
-def encode_delta(values: torch.Tensor) -> torch.Tensor:
-    """δ-code a stream of positive integers; returns the packed bytes (uint8)."""
-    v = _check_values(values)
-    low = floor_log2(v)
+def _encode_delta(v: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     zeros = floor_log2(low + 1)
     length = low + 2 * zeros + 1
     start = torch.cumsum(length, 0) - length
     bits = torch.zeros(int(length.sum()), dtype=torch.uint8, device=v.device)
-    _write(bits, start + zeros, low + 1, zeros + 1)
-    _write(bits, start + 2 * zeros + 1, v, low)
+    # γ(⌊log2 n⌋ + 1) then the low bits of n, as one batch of fields
+    pos = torch.cat([start + zeros, start + 2 * zeros + 1])
+    _write(bits, pos, torch.cat([low + 1, v]), torch.cat([zeros + 1, low]))
     return pack_bits(bits, 1)
 
 
 def _stream_bits(data: torch.Tensor, count: int, what: str) -> torch.Tensor:
     if data.dtype != torch.uint8 or data.dim() != 1:
-        raise PacketError(f"{what}: an Elias stream is a flat uint8 field, got {data.dtype} of shape {tuple(data.shape)}")
+        raise PacketError(f"{what}: an Elias stream is a flat uint8 field, "
+                          f"got {data.dtype} of shape {tuple(data.shape)}")
     if count < 0:
         raise PacketError(f"{what}: negative code count {count}")
     if count == 0 and data.numel():
@@ -137,18 +146,17 @@ def _chain(jump: torch.Tensor, count: int, nbits: int, what: str) -> tuple[torch
     ``jump`` has ``nbits + 2`` entries: a code starting at p ends at jump[p] ≤ nbits, or jump[p] is
     ``nbits + 1`` when no code can start at p; ``nbits`` and ``nbits + 1`` are sinks.
     """
-    device = jump.device
-    rank = torch.arange(count, device=device)
-    pos = torch.zeros(count, dtype=torch.int64, device=device)
-    table, bit = jump, 0
-    while (1 << bit) < count:
-        pos = torch.where(((rank >> bit) & 1).bool(), table[pos], pos)
-        table = table[table]
-        bit += 1
+    pos = torch.zeros(1, dtype=torch.int64, device=jump.device)
+    table = jump  # jump applied 2**k times; pos holds the starts of codes 0 .. 2**k − 1
+    while pos.numel() < count:
+        pos = torch.cat([pos, table.index_select(0, pos)])
+        if pos.numel() < count:
+            table = table.index_select(0, table)
+    pos = pos[:count]
     last = int(pos[-1])
     end = int(jump[last]) if last < nbits else nbits + 1
     if end > nbits:
-        raise PacketError(f"{what}: stream ends before code {count} of {count}")
+        raise PacketError(f"{what}: the stream holds fewer than the {count} codes the packet announces")
     if math.ceil(end / 8) * 8 != nbits:
         raise PacketError(f"{what}: {nbits // 8} bytes for {end} bits of codes")
     return pos, end
@@ -178,7 +186,7 @@ def decode_gamma(data: torch.Tensor, count: int, what: str = "gamma stream") -> 
     jump = _jump_table(zeros <= 61, 2 * zeros + 1, nbits)
     pos, end = _chain(jump, count, nbits, what)
     _check_padding(bits, end, what)
-    low = zeros[pos]
+    low = zeros.index_select(0, pos)
     return _read(bits, pos + low, low + 1)
 
 
@@ -197,14 +205,14 @@ def decode_delta(data: torch.Tensor, count: int, what: str = "delta stream") -> 
     window = torch.zeros(nbits, dtype=torch.int64, device=device)
     at = torch.arange(nbits, device=device) + zeros.clamp(max=win)
     for j in range(win):  # a fixed window of 6 bits, not a loop over data
-        window = window | (padded[at + j] << (win - 1 - j))
+        window = window | (padded.index_select(0, at + j) << (win - 1 - j))
     ok = zeros <= _DELTA_MAX_ZEROS
     low = (window >> (win - 1 - zeros.clamp(max=win - 1))) - 1
     ok &= low <= 61
     jump = _jump_table(ok, 2 * zeros + 1 + low.clamp(min=0), nbits)
     pos, end = _chain(jump, count, nbits, what)
     _check_padding(bits, end, what)
-    low_at, zeros_at = low[pos], zeros[pos]
+    low_at, zeros_at = low.index_select(0, pos), zeros.index_select(0, pos)
     rest = _read(bits, pos + 2 * zeros_at + 1, low_at)
     return (torch.ones_like(low_at) << low_at) | rest
 
@@ -212,9 +220,11 @@ def decode_delta(data: torch.Tensor, count: int, what: str = "delta stream") -> 
 def encode_ints(values: torch.Tensor) -> tuple[IntCode, torch.Tensor]:
     """The shorter of the γ and δ streams of ``values`` (exact lengths; γ on ties) and its bytes."""
     v = _check_values(values)
-    if int(delta_lengths(v).sum()) < int(gamma_lengths(v).sum()):
-        return IntCode.DELTA, encode_delta(v)
-    return IntCode.GAMMA, encode_gamma(v)
+    low = floor_log2(v)
+    gamma_minus_delta = int((low - 2 * floor_log2(low + 1)).sum())
+    if gamma_minus_delta > 0:
+        return IntCode.DELTA, _encode_delta(v, low)
+    return IntCode.GAMMA, _encode_gamma(v, low)
 
 
 def decode_ints(code: int, data: torch.Tensor, count: int, what: str = "Elias stream") -> torch.Tensor:
