@@ -5,24 +5,27 @@ scalar quantisation ``½·log2(πe/6)`` (§1.1); exact cell moments of N(0,1), a
 value (thresholds, levels, cell probabilities) with its distortion and output entropy; Lloyd–Max
 (fixed-rate MSE-optimal) design; Huffman code lengths (§1.3) and entropy.
 
-All design maths runs in float64 on the CPU: designs are small (at most a few thousand cells) and
-are made once, then cached by their users.
+All design maths runs in numpy float64 on the CPU: designs are small (at most a few thousand cells),
+made once and cached by their users; quantising data happens in torch on the data's device.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 #: ½·log2(πe/6): bits above R(D) paid by an entropy-coded uniform quantiser at high rate (§1.1).
 HIGH_RATE_GAP = 0.5 * math.log2(math.pi * math.e / 6)
 
-_F64 = torch.float64
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2)
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+Array = np.ndarray
 
 
 def gaussian_rate(distortion: float, variance: float = 1.0) -> float:
@@ -39,39 +42,50 @@ def gaussian_distortion(rate: float, variance: float = 1.0) -> float:
     return variance * 2.0 ** (-2.0 * rate)
 
 
-def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+def normal_pdf(x: Array) -> Array:
     """φ(x), zero at ±∞."""
-    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return np.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def cell_probabilities(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def normal_cdf(x: Array) -> Array:
+    """Φ(x) = ½·erfc(−x/√2), accurate far into the lower tail (``torch.special.ndtr`` loses digits
+    below −8 and returns 0 below about −8.3)."""
+    return 0.5 * _erfc(-np.asarray(x, dtype=np.float64) * _INV_SQRT_2).astype(np.float64)
+
+
+def cell_probabilities(lower: Array, upper: Array) -> Array:
     """P(lower < Z ≤ upper) for Z ~ N(0,1), accurate in both tails (no 1 − tiny cancellation)."""
     right = lower >= 0
-    return torch.where(right, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
+    return np.where(right, normal_cdf(-lower) - normal_cdf(-upper), normal_cdf(upper) - normal_cdf(lower))
 
 
-def entropy(p: torch.Tensor | list[float]) -> float:
+def entropy(p: Array | torch.Tensor | list[float]) -> float:
     """Shannon entropy −Σ p log2 p in bits of a probability vector (zeros contribute nothing)."""
-    p = torch.as_tensor(p, dtype=_F64)
+    p = _as_array(p)
     p = p[p > 0]
-    return float(-(p * torch.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum())
 
 
-def empirical_entropy(counts: torch.Tensor) -> float:
+def empirical_entropy(counts: Array | torch.Tensor) -> float:
     """Entropy in bits per symbol of the histogram ``counts``."""
-    counts = counts.to(_F64)
+    counts = _as_array(counts)
     total = counts.sum()
     return entropy(counts / total) if total > 0 else 0.0
 
 
-def huffman_lengths(p: torch.Tensor | list[float]) -> list[int]:
+def _as_array(p: Array | torch.Tensor | list[float]) -> Array:
+    if isinstance(p, torch.Tensor):
+        p = p.detach().cpu().numpy()
+    return np.asarray(p, dtype=np.float64).reshape(-1)
+
+
+def huffman_lengths(p: Array | torch.Tensor | list[float]) -> list[int]:
     """Code lengths of a binary Huffman code for ``p`` (two-smallest merge, §1.3).
 
     Ties are broken by insertion order, so the lengths are deterministic. A single symbol gets a
     1-bit code (a prefix code needs at least one bit to be decodable symbol by symbol).
     """
-    probs = [float(v) for v in torch.as_tensor(p, dtype=_F64).reshape(-1)]
+    probs = _as_array(p).tolist()
     if not probs:
         raise ValueError("huffman_lengths needs at least one symbol")
     if any(v < 0 or not math.isfinite(v) for v in probs):
@@ -92,36 +106,36 @@ def huffman_lengths(p: torch.Tensor | list[float]) -> list[int]:
     return lengths
 
 
-def average_length(p: torch.Tensor | list[float], lengths: list[int]) -> float:
+def average_length(p: Array | torch.Tensor | list[float], lengths: list[int]) -> float:
     """Expected code length Σ p_i ℓ_i in bits."""
-    p = torch.as_tensor(p, dtype=_F64).reshape(-1)
-    return float((p * torch.tensor(lengths, dtype=_F64)).sum())
+    return float((_as_array(p) * np.asarray(lengths, dtype=np.float64)).sum())
 
 
 @dataclass(frozen=True, eq=False)
 class ScalarQuantizer:
     """A scalar quantiser of N(0,1): ``K−1`` increasing thresholds, ``K`` levels, ``K`` cell probabilities.
 
-    Index ``i`` covers ``(t_{i−1}, t_i]`` with ``t_0 = −∞``, ``t_K = +∞``; float64 CPU tensors.
+    Index ``i`` covers ``(t_{i−1}, t_i]`` with ``t_0 = −∞``, ``t_K = +∞``; float64 numpy arrays.
     """
 
-    thresholds: torch.Tensor
-    levels: torch.Tensor
-    probs: torch.Tensor
+    thresholds: Array
+    levels: Array
+    probs: Array
+    _on_device: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_cells(cls, thresholds: torch.Tensor, levels: torch.Tensor | None = None) -> ScalarQuantizer:
+    def from_cells(cls, thresholds: Array, levels: Array | None = None) -> ScalarQuantizer:
         """Cells from thresholds; levels default to the N(0,1) centroids of the cells."""
-        t = thresholds.to(_F64).reshape(-1)
-        lower, upper = _bounds(t)
+        t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+        lower, upper = cell_bounds(t)
         p = cell_probabilities(lower, upper)
         if levels is None:
             levels = (normal_pdf(lower) - normal_pdf(upper)) / p
-        return cls(t, levels.to(_F64).reshape(-1), p)
+        return cls(t, np.asarray(levels, dtype=np.float64).reshape(-1), p)
 
     @property
     def size(self) -> int:
-        return self.levels.numel()
+        return self.levels.size
 
     @property
     def entropy(self) -> float:
@@ -131,7 +145,7 @@ class ScalarQuantizer:
     @property
     def distortion(self) -> float:
         """E(Z − q_I)² for Z ~ N(0,1), from the closed-form cell moments (§3.2)."""
-        lower, upper = _bounds(self.thresholds)
+        lower, upper = cell_bounds(self.thresholds)
         m1 = normal_pdf(lower) - normal_pdf(upper)
         m2 = self.probs + _times_pdf(lower) - _times_pdf(upper)
         q = self.levels
@@ -142,24 +156,32 @@ class ScalarQuantizer:
         """Average length of the Huffman code built for the cell probabilities."""
         return average_length(self.probs, huffman_lengths(self.probs))
 
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (torch.as_tensor(self.thresholds, dtype=torch.float32, device=device),
+                                    torch.as_tensor(self.levels, dtype=torch.float32, device=device))
+        return self._on_device[key]
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """Cell index of each element of ``z`` (any device): ``i`` with ``t_{i−1} < z ≤ t_i``."""
-        t = self.thresholds.to(device=z.device, dtype=z.dtype)
-        return torch.bucketize(z, t)
+        """Cell index of each element of float32 ``z`` (any device): ``i`` with ``t_{i−1} < z ≤ t_i``."""
+        return torch.bucketize(z, self._tensors(z.device)[0])
 
     def reconstruct(self, index: torch.Tensor) -> torch.Tensor:
         """Levels of the cells ``index`` as float32 on ``index``'s device."""
-        return self.levels.to(device=index.device, dtype=torch.float32)[index]
+        return self._tensors(index.device)[1][index]
 
 
-def _bounds(thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    inf = torch.tensor([math.inf], dtype=_F64)
-    return torch.cat([-inf, thresholds]), torch.cat([thresholds, inf])
+def cell_bounds(thresholds: Array) -> tuple[Array, Array]:
+    """Lower and upper ends of every cell: the thresholds with −∞ and +∞ added."""
+    inf = np.array([np.inf])
+    return np.concatenate([-inf, thresholds]), np.concatenate([thresholds, inf])
 
 
-def _times_pdf(x: torch.Tensor) -> torch.Tensor:
+def _times_pdf(x: Array) -> Array:
     """x·φ(x), zero at ±∞ (the boundary term of ∫ z²φ)."""
-    return torch.where(torch.isfinite(x), x * normal_pdf(x), torch.zeros_like(x))
+    finite = np.isfinite(x)
+    return np.where(finite, np.where(finite, x, 0.0) * normal_pdf(x), 0.0)
 
 
 @lru_cache(maxsize=None)
@@ -173,11 +195,11 @@ def lloyd_max(bits: int, tol: float = 1e-13, max_iter: int = 100_000) -> ScalarQ
         raise ValueError(f"bits={bits} must be in 1..12")
     k = 2**bits
     step = 4.0 / k
-    q = (torch.arange(k, dtype=_F64) - (k - 1) / 2) * step
+    q = (np.arange(k, dtype=np.float64) - (k - 1) / 2) * step
     for _ in range(max_iter):
         t = (q[:-1] + q[1:]) / 2
         new = ScalarQuantizer.from_cells(t).levels
-        moved = float((new - q).abs().max())
+        moved = float(np.abs(new - q).max())
         q = new
         if moved < tol:
             break

@@ -1,0 +1,173 @@
+"""RC-FED (Hamidi & Bereyhi, ICASSP 2025; ALGORITHMS.md §3): rate-constrained ECSQ + entropy coding.
+
+Per tensor: ``z = (u − μ)/σ``; ``i_j = bucketize(z_j, t)`` with the ECSQ of N(0,1) designed at a
+rate (§3.2, :mod:`compressors.ecsq`); the indices are ANS-coded (``constriction``) with the static
+categorical model of the design probabilities, so no code table is sent. The receiver rebuilds the
+same design from its rate and returns ``û_j = μ + σ·q_{i_j}``. Deterministic and biased (§3.3);
+values beyond the outermost thresholds are clipped to the outermost levels by construction.
+
+Rate matching: ``rate`` constrains the *coded* length of the index stream, in bits per coordinate.
+On N(0,1) data the design at ``rate`` codes to ``rate`` (its entropy). Real gradients are heavier
+tailed, so the encoder measures the coded length ``Σ_i n_i·(−log2 p_i)`` of the actual cell counts
+(plus the coder's ~32-bit flush) and, if it misses ``rate·numel`` by more than 0.5%, moves the
+*design* rate until the coded length matches: secant steps on the grid ``rate·k/128``, ``k`` in
+64..256 (half to twice ``rate``, 0.78% apart, so at most 193 designs per rate, each made once per
+process in milliseconds), at most 8 designs per tensor. ``k`` is sent (2 bytes). ``adapt=False``
+always uses the design at ``rate``.
+
+Encoder and decoder rebuild the design from ``(rate, k)``; the model probabilities are rounded to
+float32 first, so a last-ulp difference in the float64 design maths between two machines almost
+never changes the coder's fixed-point model.
+
+Wire: fields ``(μ σ: fp32[2], design code: int16[1], ANS words: uint8[4·w])``; the symbol count is
+``packet.numel``. Bucketing and the histogram run on the tensor's device; the indices are moved to
+the CPU for entropy coding (``constriction`` is a CPU library) and the decoded indices back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import constriction
+import numpy as np
+import torch
+
+from compressors import ecsq
+from compressors.base import Codec, Kind, TensorInfo, register
+from compressors.infotheory import ScalarQuantizer
+from compressors.packet import Packet, PacketError
+
+MIN_RATE, MAX_RATE = 0.05, 4.0
+#: the design rate is ``rate·k/GRID`` for a code ``k`` in ``CODES`` (half to twice the target)
+GRID = 128
+CODES = (GRID // 2, 2 * GRID)
+_ADAPT_TOL = 0.005       # relative miss of the coded rate that triggers adaptation
+_ADAPT_DESIGNS = 8       # designs tried at most per tensor
+_MIN_MODEL_PROB = 2.0**-24  # constriction's smallest representable probability (24-bit precision)
+_CODER_OVERHEAD = 32     # bits the ANS stream adds to Σ ℓ on average (final state, whole 32-bit words)
+
+
+@dataclass(frozen=True, eq=False)
+class _Design:
+    """One ECSQ design with its entropy model, ready for coding."""
+
+    quantizer: ScalarQuantizer
+    model: object           # constriction.stream.model.Categorical
+    lengths: np.ndarray     # −log2 of the model probabilities
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cell indices of ``z`` and their coded length in bits under this design's model."""
+        index = self.quantizer.quantize(z)
+        counts = torch.bincount(index, minlength=self.quantizer.size).cpu().numpy()
+        return index, float(counts @ self.lengths)
+
+
+@lru_cache(maxsize=4096)
+def _design(rate: float, code: int) -> _Design:
+    sq = ecsq.design(rate * code / GRID)     # ≥ 3 cells: the lowest design rate is MIN_RATE/2
+    p = np.maximum(sq.probs, _MIN_MODEL_PROB).astype(np.float32).astype(np.float64)
+    p = p / p.sum()
+    return _Design(sq, constriction.stream.model.Categorical(p, perfect=False), -np.log2(p))
+
+
+@register
+@dataclass(frozen=True)
+class RCFed(Codec):
+    name: ClassVar[str] = "rcfed"
+    kind: ClassVar[Kind] = Kind.GATHER
+    summary: ClassVar[str] = "normalised ECSQ at a target coded rate + ANS entropy coding, biased (§3)"
+    unbiased: ClassVar[bool] = False
+
+    rate: float = 2.0
+    adapt: bool = True
+
+    def __post_init__(self) -> None:
+        if not MIN_RATE <= self.rate <= MAX_RATE:
+            raise ValueError(f"rate={self.rate} bits per coordinate must be in [{MIN_RATE}, {MAX_RATE}]")
+
+    def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
+        u = x.reshape(-1).to(torch.float32)
+        n = u.numel()
+        sigma, mu = torch.std_mean(u, correction=0) if n else (u.new_zeros(()), u.new_zeros(()))
+        stats = torch.stack([mu, sigma])
+        mu_f, sigma_f = stats.tolist()
+        if not (math.isfinite(mu_f) and math.isfinite(sigma_f)):
+            raise ValueError(f"rcfed cannot encode tensor {info.name!r}: it holds non-finite values")
+        if sigma_f == 0.0:  # constant tensor: μ says it all
+            return self._packet(n, stats, GRID, np.zeros(0, dtype=np.uint32))
+        z = (u - mu) / sigma
+        code, index = self._choose(z)
+        words = self._code(index, _design(self.rate, code))
+        return self._packet(n, stats, code, words)
+
+    def _choose(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The design code whose coded length on ``z`` is closest to ``rate``, and its indices."""
+        budget = self.rate * z.numel()
+        target = max(budget - _CODER_OVERHEAD, 0.75 * budget)
+        code = GRID
+        index, bits = _design(self.rate, code).quantize(z)
+        if not self.adapt:
+            return code, index
+        best = (abs(bits - target), code, index)
+        prev: tuple[int, float] | None = None
+        for _ in range(_ADAPT_DESIGNS - 1):
+            if best[0] <= _ADAPT_TOL * target:
+                break
+            # secant on the code; the first step assumes the coded rate moves one-for-one
+            slope = GRID / target
+            if prev is not None and bits != prev[1]:
+                slope = (code - prev[0]) / (bits - prev[1])
+                if slope <= 0:
+                    slope = GRID / target
+            new = max(CODES[0], min(CODES[1], code + round((target - bits) * slope)))
+            if new == code or (prev is not None and new == prev[0]):
+                break
+            prev = (code, bits)
+            code = new
+            index, bits = _design(self.rate, code).quantize(z)
+            if abs(bits - target) < best[0]:
+                best = (abs(bits - target), code, index)
+        return best[1], best[2]
+
+    @staticmethod
+    def _code(index: torch.Tensor, design: _Design) -> np.ndarray:
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(index.to(device="cpu", dtype=torch.int32).numpy(), design.model)
+        return coder.get_compressed()
+
+    def _packet(self, n: int, stats: torch.Tensor, code: int, words: np.ndarray) -> Packet:
+        device = stats.device
+        stream = torch.from_numpy(words.astype("<u4").view(np.uint8).copy()).to(device)
+        design = torch.tensor([code], dtype=torch.int16, device=device)
+        return Packet(self.name, n, (stats.to(torch.float32), design, stream))
+
+    def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        stats, design_code, stream = self.check(packet, info, 3)
+        n = packet.numel
+        if stats.numel() != 2 or design_code.numel() != 1 or stream.dtype != torch.uint8:
+            raise PacketError(f"rcfed packet fields have the wrong layout: stats {stats.numel()} values "
+                              f"(2 expected), design {design_code.numel()} (1 expected), stream {stream.dtype}")
+        code = int(design_code.reshape(()).item())
+        if not CODES[0] <= code <= CODES[1]:
+            raise PacketError(f"rcfed packet names design code {code}; allowed {CODES[0]}..{CODES[1]}")
+        mu, sigma = stats.to(torch.float32).reshape(2)
+        design = _design(self.rate, code)
+        if stream.numel() == 0:  # a constant tensor
+            if float(sigma) != 0.0:
+                raise PacketError(f"rcfed packet for {n} elements with σ={float(sigma)} has an empty stream")
+            return mu.expand(n).clone()
+        if stream.numel() % 4:
+            raise PacketError(f"rcfed stream of {stream.numel()} bytes is not a whole number of 32-bit words")
+        words = stream.cpu().numpy().view("<u4").astype(np.uint32)
+        try:
+            coder = constriction.stream.stack.AnsCoder(words)
+            symbols = coder.decode(design.model, n)
+        except Exception as err:  # constriction reports malformed streams with its own errors
+            raise PacketError(f"rcfed stream cannot be decoded: {err}") from err
+        if not coder.is_empty():
+            raise PacketError(f"rcfed stream holds more data than {n} symbols")
+        index = torch.from_numpy(symbols.astype(np.int64)).to(stats.device)
+        return mu + sigma * design.quantizer.reconstruct(index)

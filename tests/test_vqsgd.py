@@ -1,0 +1,217 @@
+"""vqSGD codec (ALGORITHMS.md §5; test matrix T10, T11): cross-polytope, Hadamard and simplex points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compressors import CodecError, Packet, PacketError, TensorInfo, make_codec
+from compressors.bits import pack_bits
+from compressors.vqsgd import fwht, point_probabilities
+from tests.test_rcfed import _train_digits
+
+TRIALS = 20_000
+
+
+def _info(n: int, name: str = "g", **kw) -> TensorInfo:
+    return TensorInfo(name, (n,), **kw)
+
+
+def _samples(points: str, reps: int, g: torch.Tensor, trials: int = TRIALS) -> torch.Tensor:
+    """``trials`` independent quantisations of ``g``: one tensor of copies, one block per copy."""
+    d = g.numel()
+    codec = make_codec("vqsgd", {"points": points, "reps": reps, "block": d})
+    x = g.repeat(trials)
+    info = _info(x.numel())
+    return codec.decode(codec.encode(x, info), info).view(trials, d).double()
+
+
+def _unit(d: int, seed: int) -> torch.Tensor:
+    g = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return g / g.norm()
+
+
+@pytest.mark.parametrize("points, d, reps, r2", [
+    ("cross", 64, 1, 64), ("cross", 64, 8, 64),
+    ("hadamard", 64, 1, 64), ("hadamard", 64, 8, 64),
+    ("simplex", 16, 1, 256), ("simplex", 16, 8, 256),
+])
+def test_unbiased_with_variance_norm2_r2_minus_1_over_s(points, d, reps, r2):
+    """T10: E Q(g) = g (each coordinate within 4 MC standard errors) and E‖Q(g)−g‖² = ‖g‖²(r²−1)/s
+    (within 3 standard errors); at d=64, s=1 that is 63 (§5.2), at d=16 simplex 255."""
+    g = 2.5 * _unit(d, seed=d + reps)
+    q = _samples(points, reps, g.float())
+    err = ((q - g.double()) ** 2).sum(dim=1)
+    expected = float(g.norm() ** 2) * (r2 - 1) / reps
+    assert abs(float(err.mean()) - expected) <= 3 * float(err.std()) / math.sqrt(TRIALS)
+    se = q.std(dim=0) / math.sqrt(TRIALS)
+    assert float(((q.mean(dim=0) - g.double()).abs() / se).max()) < 4.0
+
+
+def test_block_product_variance_sums_over_blocks():
+    """§5.2 item 4: Var = Σ_b ‖g_b‖²(d_b − 1)/s with a norm per block."""
+    g = torch.randn(256, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 257) / 64
+    codec = make_codec("vqsgd", {"points": "cross", "reps": 4, "block": 64})
+    trials = 5000
+    x = g.repeat(trials)
+    info = _info(x.numel())
+    q = codec.decode(codec.encode(x, info), info).view(trials, 256).double()
+    err = ((q - g.double()) ** 2).sum(dim=1)
+    expected = float(sum(b.norm() ** 2 for b in g.view(4, 64))) * 63 / 4
+    assert abs(float(err.mean()) - expected) <= 3 * float(err.std()) / math.sqrt(trials)
+
+
+def test_hadamard_pads_a_block_to_a_power_of_two_and_stays_unbiased():
+    g = torch.randn(48, generator=torch.Generator().manual_seed(2))
+    q = _samples("hadamard", 4, g)
+    se = q.std(dim=0) / math.sqrt(TRIALS)
+    assert float(((q.mean(dim=0) - g.double()).abs() / se).max()) < 4.0
+    err = ((q - g.double()) ** 2).sum(dim=1).mean()
+    assert float(err) <= float(g.norm() ** 2) * (64 - 1) / 4 * 1.02     # bound with r² = P = 64
+
+
+def test_whole_tensor_block_is_the_same_as_block_zero():
+    x = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    info = _info(300)
+    a = make_codec("vqsgd", {"block": 0}).encode(x, info)
+    b = make_codec("vqsgd", {"block": 1000}).encode(x, info)
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_fwht_is_the_sylvester_hadamard_matrix():
+    h = torch.tensor([[1.0]])
+    for _ in range(4):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(fwht(x), x @ h, atol=1e-5)
+    assert torch.allclose(fwht(fwht(x)), 16 * x, atol=1e-4)
+
+
+@pytest.mark.parametrize("points", ["cross", "hadamard", "simplex"])
+def test_point_probabilities_are_a_distribution_that_averages_to_v(points):
+    v = torch.randn(5, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True) * torch.linspace(0, 1, 5, dtype=torch.float64).unsqueeze(1)
+    a = point_probabilities(v, points)
+    assert torch.all(a >= 0)
+    assert torch.allclose(a.sum(dim=1), torch.ones(5, dtype=torch.float64), atol=1e-12)
+    codec = make_codec("vqsgd", {"points": points, "reps": 1, "block": 16})
+    hits = torch.eye(a.shape[1], dtype=torch.float32)         # each point once, as a decoded block
+    pts = codec.sum_points(hits, 16).double()                 # row j = point c_j
+    assert torch.allclose(a @ pts, v, atol=1e-5)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.7])
+def test_cross_polytope_is_epsilon_ldp(rho):
+    """T11 (§5.3): for ‖v‖ ≤ ρ every point's probability ratio across inputs is ≤ (1+2ρ√d)/(1−ρ)."""
+    d = 32
+    g = torch.Generator().manual_seed(6)
+    v = torch.randn(4000, d, generator=g, dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True) * rho * torch.rand(4000, 1, generator=g, dtype=torch.float64)
+    extremes = rho * torch.cat([torch.eye(d), -torch.eye(d), torch.sign(torch.randn(8, d, generator=g)) / math.sqrt(d)])
+    a = point_probabilities(torch.cat([v, extremes.double()]), "cross")
+    ratio = float((a.max(dim=0).values / a.min(dim=0).values).max())
+    bound = (1 + 2 * rho * math.sqrt(d)) / (1 - rho)
+    assert ratio <= bound * (1 + 1e-9)
+    assert ratio >= 0.9 * bound                                # the extremes come close to it
+
+
+@pytest.mark.parametrize("points, index_bits", [("cross", 7), ("hadamard", 7), ("simplex", 7)])
+def test_wire_size_is_norm_plus_s_indices_per_block(points, index_bits):
+    codec = make_codec("vqsgd", {"points": points, "reps": 16, "block": 64})
+    x = torch.randn(64 * 100, generator=torch.Generator().manual_seed(7))
+    packet = codec.encode(x, _info(x.numel()))
+    payload = 100 * 4 + math.ceil(100 * 16 * index_bits / 8)
+    assert sum(f.numel() * f.element_size() for f in packet.fields) == payload
+    assert len(packet.to_bytes()) == packet.nbytes
+    assert len(packet.to_bytes()) * 8 / x.numel() == pytest.approx((32 + 16 * index_bits) / 64, abs=0.05)
+
+
+@pytest.mark.parametrize("points", ["cross", "hadamard", "simplex"])
+def test_bytes_round_trip_decodes_identically(points):
+    codec = make_codec("vqsgd", {"points": points, "reps": 8, "block": 50})
+    x = torch.randn(333, generator=torch.Generator().manual_seed(8))
+    info = _info(333)
+    packet = codec.encode(x, info)
+    assert torch.equal(codec.decode(Packet.from_bytes(packet.to_bytes()), info), codec.decode(packet, info))
+
+
+def test_corrupted_byte_raises_packet_error():
+    codec = make_codec("vqsgd", {})
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(9))
+    data = bytearray(codec.encode(x, _info(1000)).to_bytes())
+    data[len(data) // 2] ^= 0x01
+    with pytest.raises(PacketError):
+        codec.decode(Packet.from_bytes(bytes(data)), _info(1000))
+
+
+def test_decode_rejects_an_index_outside_the_point_set():
+    codec = make_codec("vqsgd", {"points": "simplex", "reps": 2, "block": 64})   # 65 points, 7 bits
+    bad = Packet("vqsgd", 64, (torch.ones(1), pack_bits(torch.tensor([3, 100]), 7)))
+    with pytest.raises(PacketError, match="point 100"):
+        codec.decode(bad, _info(64))
+
+
+def test_decode_rejects_a_norm_count_that_does_not_fit():
+    codec = make_codec("vqsgd", {"reps": 2, "block": 8})
+    good = codec.encode(torch.randn(16), _info(16))
+    bad = Packet("vqsgd", 16, (torch.ones(3), good.fields[1]))
+    with pytest.raises(PacketError, match="norms"):
+        codec.decode(bad, _info(16))
+
+
+@pytest.mark.parametrize("points", ["cross", "hadamard", "simplex"])
+@pytest.mark.parametrize("values", [[0.7], [1.0, -2.0], [0.0] * 70])
+def test_tiny_and_zero_tensors(points, values):
+    codec = make_codec("vqsgd", {"points": points})
+    x = torch.tensor(values)
+    info = _info(x.numel())
+    out = codec.decode(Packet.from_bytes(codec.encode(x, info).to_bytes()), info)
+    assert out.shape == (x.numel(),) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    if not bool(x.any()):
+        assert torch.equal(out, x)
+    if x.numel() == 1 and points == "cross":
+        assert torch.allclose(out, x)                           # ±√1·e_1 = ±x exactly
+
+
+def test_float16_input_decodes_to_float32():
+    codec = make_codec("vqsgd", {})
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(10)).half()
+    info = _info(x.numel())
+    out = codec.decode(codec.encode(x, info), info)
+    assert out.dtype == torch.float32 and out.shape == (4096,)
+
+
+def test_same_info_same_packet_other_worker_other_packet():
+    codec = make_codec("vqsgd", {})
+    x = torch.randn(640, generator=torch.Generator().manual_seed(11))
+    a = codec.encode(x, _info(640, worker=0)).to_bytes()
+    assert a == codec.encode(x, _info(640, worker=0)).to_bytes()
+    assert a != codec.encode(x, _info(640, worker=1)).to_bytes()
+
+
+def test_parameters_are_validated():
+    with pytest.raises(CodecError, match="choose one of"):
+        make_codec("vqsgd", {"points": "octahedron"})
+    with pytest.raises(CodecError, match="reps"):
+        make_codec("vqsgd", {"reps": 0})
+    with pytest.raises(CodecError, match="block"):
+        make_codec("vqsgd", {"block": -1})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("points", ["cross", "hadamard", "simplex"])
+def test_runs_unchanged_on_cuda(points):
+    codec = make_codec("vqsgd", {"points": points})
+    x = torch.randn(10_000, device="cuda", generator=torch.Generator("cuda").manual_seed(12))
+    info = _info(x.numel())
+    packet = codec.encode(x, info)
+    out = codec.decode(packet, info)
+    assert out.device == x.device
+    assert torch.allclose(codec.decode(Packet.from_bytes(packet.to_bytes()), info), out.cpu(), atol=1e-5)
+
+
+def test_four_workers_train_digits_with_defaults():
+    """Defaults (cross, block 64, 16 reps: 2.25 bits/element + header) train to ≥ 0.85."""
+    assert _train_digits("vqsgd", {}) >= 0.85
