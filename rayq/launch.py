@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,18 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0", "P
 
 class TrainingError(RuntimeError):
     """A run failed on the workers; the message carries the first worker's error."""
+
+
+@dataclass
+class DriverResult:
+    """What a driver-run trainer (``find_runner``) returns, shaped like Ray Train's ``Result`` for summarize."""
+
+    return_value: dict[str, Any]
+    path: str | None = None
+
+    @property
+    def checkpoint(self) -> DriverResult | None:
+        return self if self.path else None
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -60,6 +72,44 @@ def find_trainer(name: str) -> Callable[[dict[str, Any]], Any]:
     return fn
 
 
+def find_runner(name: str) -> Callable[..., dict[str, Any]] | None:
+    """A trainer module's own driver, ``run(cfg, run_dir, on_progress) -> final metrics``, if it has one.
+
+    Such a trainer (``volunteer``) drives its own actors from the driver instead of a TorchTrainer.
+    """
+    module, _, func = name.partition(":")
+    if func:
+        return None
+    if "." not in module:
+        module = f"trainers.{module}"
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return None
+    return getattr(mod, "run", None)
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a ``--address`` a driver cannot join: Ray itself retries an unreachable GCS for minutes."""
+    import socket
+
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address!r} is a dashboard (Jobs API) address; `rayq train --address` takes "
+                          f"the GCS address HEAD:6379, or submit the run as a job: rayq submit --address {address} "
+                          "-- train ...")
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is invalid; expected HOST:PORT of a head's GCS (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach a Ray head at {address} ({err.strerror or err}); start one with "
+                          "`ray start --head --port=6379` (or `bash clusters/local-cluster.sh start`) and pass "
+                          "its GCS address") from None
+
+
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     """Start a local Ray (or connect to ``address``) quietly: progress comes from rayq, not Ray's logs."""
     import ray
@@ -70,6 +120,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR,
                                   runtime_env={"env_vars": dict(RAY_ENV)})
     if address:
+        check_address(address)
         kwargs["address"] = address
     else:
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
@@ -77,7 +128,8 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
 
 
 def check_before_start(cfg: RunConfig) -> None:
-    find_trainer(cfg.trainer)
+    if find_runner(cfg.trainer) is None:
+        find_trainer(cfg.trainer)
     check_available(cfg.task, cfg.data_dir)
     run_dir = Path(cfg.output_dir) / str(cfg.name)
     if run_dir.exists() and any(run_dir.glob("checkpoint_*")):
@@ -95,7 +147,8 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Path]:
     return cfg, run_dir
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path, progress: Any = None, callbacks: list | None = None):
+def make_trainer(cfg: RunConfig, run_dir: Path, progress: Any = None, callbacks: list | None = None,
+                 loop_config: dict[str, Any] | None = None):
     """The Ray Train ``TorchTrainer`` for a prepared config (used by ``train`` and by Tune trials)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -107,7 +160,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, progress: Any = None, callbacks:
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         find_trainer(cfg.trainer),
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "progress": progress},
+        train_loop_config=loop_config or {"config": cfg.to_dict(), "run_dir": str(run_dir), "progress": progress},
         torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
@@ -151,6 +204,11 @@ def train(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None =
 
     cfg, run_dir = prepare(cfg)
     init_ray(address)
+    runner = find_runner(cfg.trainer)
+    if runner is not None:
+        started = time.perf_counter()
+        final = runner(cfg, run_dir, on_progress)
+        return summarize(cfg, run_dir, DriverResult(final, final.pop("checkpoint", None)), time.perf_counter() - started)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = make_trainer(cfg, run_dir, progress=queue)
     outcome: dict[str, Any] = {}
@@ -193,3 +251,44 @@ def describe_failure(err: BaseException) -> str:
         last = next((line for line in reversed(text) if line.strip()), str(cause))
         return f"worker {rank} failed: {last}"
     return f"{type(err).__name__}: {err}"
+
+
+def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[str, Any]]:
+    """Train several configurations back to back in one worker group (trainer ``sweep``).
+
+    All of them must share ``workers``, ``cpus_per_worker``, ``use_gpu`` and ``backend``: they run on the
+    same Ray Train workers, one after another, each with its own run directory and summary.
+    """
+    from dataclasses import replace as _replace
+
+    prepared = [prepare(c) for c in cfgs]
+    first = prepared[0][0]
+    for c, _ in prepared[1:]:
+        for key in ("workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "backend", "trainer"):
+            if getattr(c, key) != getattr(first, key):
+                raise ConfigError(f"train_many: every run must share {key}; got {getattr(first, key)!r} and "
+                                  f"{getattr(c, key)!r}")
+    init_ray(address)
+    sweep_cfg = _replace(first, trainer="trainers.sweep:train_loop", name=f"{first.name}-sweep")
+    sweep_dir = prepared[0][1].parent / str(sweep_cfg.name)
+    trainer = make_trainer(sweep_cfg, sweep_dir, loop_config={
+        "runs": [{"config": c.to_dict(), "run_dir": str(d)} for c, d in prepared]})
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train's terminal errors
+        raise TrainingError(describe_failure(err)) from err
+    wall = time.perf_counter() - started
+    summaries = []
+    for (c, d), final in zip(prepared, result.return_value or []):
+        # each run's own loop time (the shared start-up is not split across runs)
+        summaries.append(summarize(c, d, _Finished(final), final.get("time/wall_s", wall / len(prepared))))
+    return summaries
+
+
+class _Finished:
+    """What ``summarize`` reads from a Ray ``Result``, for one run of a sweep."""
+
+    def __init__(self, return_value: dict) -> None:
+        self.return_value = return_value
+        self.checkpoint = None

@@ -528,12 +528,20 @@ class WireLike(Protocol):
 
 
 def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
-    """Seconds of communication in one training step: its collectives run one after another."""
+    """Seconds of communication in one training step: its collectives run one after another.
+
+    A record's ``bytes_down`` (when it has one) is every worker's bytes received; otherwise it is
+    implied: the others' bytes for all-reduce / all-gather, and for ``two_phase`` (whose traffic is
+    symmetric for equal payloads) the worker's own ``bytes_up``.
+    """
     total = 0.0
     for rec in wire:
         up = list(rec.bytes_up)
-        everyone = sum(up)
-        total += transfer_seconds(rec.kind, up, [everyone - b for b in up], links, rec.rounds)
+        down = getattr(rec, "bytes_down", None)
+        if down is None:
+            everyone = sum(up)
+            down = up if _kind(rec.kind) is Collective.TWO_PHASE else [everyone - b for b in up]
+        total += transfer_seconds(rec.kind, up, list(down), links, rec.rounds)
     return total
 
 
@@ -556,7 +564,7 @@ def replay(steps: Iterable[TraceStep], links: Sequence[Link], speed_factors: Seq
     clock = VirtualClock(len(links), speed_factors)
     out = {}
     for s in steps:
-        recs = [_Wire(k, r, b) for k, r, b in s.wire]
+        recs = [_Wire(*w) for w in s.wire]
         clock.step(s.compute_s * compute_scale, step_comm_seconds(recs, links))
         out[s.step] = clock.now
     return out
@@ -567,3 +575,4 @@ class _Wire:
     kind: str
     rounds: int
     bytes_up: tuple[int, ...]
+    bytes_down: tuple[int, ...] | None = None

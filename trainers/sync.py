@@ -30,11 +30,12 @@ from compressors.policy import Override, Policy
 from rayq import checkpoint as ckpt
 from rayq.collective import CompressedGroup, Ledger, TorchTransport
 from rayq.config import RunConfig, from_dict
+from rayq.faults import CollectiveFaults, FaultPlan
 from rayq.netsim import VirtualClock, step_comm_seconds
 from rayq.profiles import load_profile
 from rayq.sync import LAQ, Adaptive, EveryStep, ModelAverager, Periodic, SyncStats
 from rayq.tasks import Split, get_task
-from rayq.telemetry import TensorBoardLog
+from rayq.telemetry import EventLog, TensorBoardLog
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -179,7 +180,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     start_step, clock_offset, bytes_total = 0, 0.0, 0
     codec_state: dict | None = None
-    restored = ray.train.get_checkpoint()
+    # A sweep runs several configs in one worker group: the previous run's checkpoint is not ours.
+    restored = None if loop_config.get("fresh") else ray.train.get_checkpoint()
     source = "restart" if restored else ("resume" if cfg.resume else None)
     if restored or cfg.resume:
         def _load(directory: Path) -> tuple[dict, dict | None]:
@@ -207,7 +209,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     if averager is not None and not (codec_state and "averager" in codec_state):
         averager.reset_anchor()  # the anchor is the model every replica starts this run from
-    clock, links = None, None
+    clock, links, profile = None, None, None
     if cfg.cluster is not None:
         profile = load_profile(cfg.cluster, world, cfg.seed)
         clock, links = VirtualClock(world, profile.speed_factors), profile.links
@@ -217,6 +219,14 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     tb = TensorBoardLog(run_dir / "tensorboard") if rank == 0 else None
     if tb and source:
         tb.text("run/events", f"{source} from step {start_step}", start_step)
+    faults, view, fault_plan = None, None, FaultPlan.from_config(cfg, profile)
+    if not fault_plan.empty:  # rayq.faults: every worker applies the same plan; rank 0 logs its events
+        events = EventLog(run_dir, tb, progress.put_nowait if progress is not None else None) if rank == 0 else None
+        faults = CollectiveFaults(fault_plan, rank, world, run_dir, start_step, profile.speed_factors if profile else None,
+                                  cfg.faults.deadline, cfg.faults.restart_s, events)
+        group.transport = faults.wrap(group.transport)
+        faults.resumed(source, clock, sum(c.residual_norm() for c in policy.stateful_codecs().values()
+                                          if isinstance(c, ErrorFeedback)))
     window = Ledger()
     window_loss, window_steps, window_compute, window_start = 0.0, 0, 0.0, time.perf_counter()
     window_sim_comm = 0.0
@@ -227,6 +237,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     model.train()
 
     for step in range(start_step, plan.total_steps):
+        if faults is not None:  # may crash or delay this worker; says who contributes to this step
+            view = faults.begin(step, clock.now if clock is not None else None)
+            faults.apply_churn(view, model, policy, laq)
         epoch, i = divmod(step, plan.steps_per_epoch)
         idx = batch_indices(cfg.seed, epoch, i, rank, world, len(train), plan.batch_size)
         t0 = time.perf_counter()
@@ -255,10 +268,16 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 group0 = optimizer.param_groups[0]
                 # With momentum β a step moves θ by ≈ lr/(1−β)·∇: that is the step size LAQ's rule compares with.
                 lr_eff = group0["lr"] / (1.0 - group0.get("momentum", 0.0)) if "momentum" in group0 else group0["lr"]
-                averaged, ledger, uploaded = laq.exchange(grads, step, lr_eff)
+                away = view is not None and not view.present[rank]
+                averaged, ledger, uploaded = laq.exchange({n: g * 0 for n, g in grads.items()} if away else grads,
+                                                          step, lr_eff)
+                averaged = view.rescale(averaged) if view is not None else averaged
                 syncs += int(uploaded)
             else:
-                averaged, ledger = group.allreduce_mean(grads, step, measure=report_now)
+                averaged, ledger = group.allreduce_mean(grads, step, measure=report_now,
+                                                        weights=view.weights if view is not None else None)
+                if faults is not None:
+                    faults.after_exchange(step, ledger)
                 syncs += 1
             if check_finite(averaged, grads, step, rank, cfg.on_nonfinite == "raise"):
                 for n, p in params:
@@ -273,7 +292,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         bytes_total += ledger.bytes_up
         if clock is not None:
             comm = step_comm_seconds(ledger.wire, links)
-            clock.step(t1 - t0, comm)
+            if view is not None:
+                faults.advance_clock(clock, view, t1 - t0, comm)  # type: ignore[union-attr]
+            else:
+                clock.step(t1 - t0, comm)
             window_sim_comm += comm
         if trace is not None:
             trace.write(json.dumps({"step": step + 1, "compute_s": t1 - t0,
@@ -318,6 +340,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         ef = [c for c in policy.stateful_codecs().values() if isinstance(c, ErrorFeedback)]
         if ef:
             metrics["comm/ef_residual_norm"] = sum(c.residual_norm() for c in ef)
+        if faults is not None:
+            metrics.update(faults.metrics(view))
         final = done == plan.total_steps
         if final or (cfg.eval_every and (done // cfg.eval_every) > ((done - window_steps) // cfg.eval_every)):
             average_buffers(model, device)
@@ -356,6 +380,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     if trace is not None:
         trace.close()
+    if faults is not None and faults.log is not None:
+        faults.log.close()
     if tb:
         tb.hparams(cfg.to_dict(), {k: v for k, v in last.items() if k.startswith(("eval/", "comm/bits", "comm/comp"))})
         tb.close()
