@@ -220,7 +220,7 @@ def time_to_target(points: list, target: float) -> tuple[float | None, float | N
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from rayq.config import load_config
-    from rayq.launch import TrainingError, train
+    from rayq.launch import TrainingError, train, train_many
 
     names = args.configs.split(",") if args.configs else list(E2E_CONFIGS)
     unknown = [n for n in names if n not in E2E_CONFIGS]
@@ -236,17 +236,32 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         common.append(f"max_steps={args.max_steps}")
     print(f"rayq bench e2e: {len(names)} configurations on {args.task} with {args.workers} workers, "
           f"profiles {profiles}, target accuracy {args.target} -> {out}")
+    cfgs = {name: load_config(None, common + E2E_CONFIGS[name] + list(args.set or []),
+                              extra={"name": f"e2e-{name}", "output_dir": str(out / "runs")}) for name in names}
+    # Configurations of the sync trainer share one worker group (one Ray Train start-up); others run alone.
+    shared = [n for n in names if cfgs[n].trainer == "sync"]
+    summaries: dict[str, dict[str, Any] | str] = {}
+    if shared:
+        print(f"- training {', '.join(shared)} (one worker group, back to back)", flush=True)
+        try:
+            summaries.update(zip(shared, train_many([cfgs[n] for n in shared])))
+        except TrainingError as err:
+            summaries.update({n: str(err) for n in shared})
+    for name in names:
+        if name not in summaries:
+            print(f"- training {name} ({' '.join(E2E_CONFIGS[name])})", flush=True)
+            try:
+                summaries[name] = train(cfgs[name])
+            except TrainingError as err:
+                summaries[name] = str(err)
     results = []
     for name in names:
-        cfg = load_config(None, common + E2E_CONFIGS[name] + list(args.set or []),
-                          extra={"name": f"e2e-{name}", "output_dir": str(out / "runs")})
-        print(f"- {name}: training ({' '.join(E2E_CONFIGS[name])})", flush=True)
-        try:
-            summary = train(cfg)
-        except TrainingError as err:
-            print(f"  failed: {err}")
-            results.append({"config": name, "error": str(err)})
+        summary = summaries[name]
+        if isinstance(summary, str):
+            print(f"  {name} failed: {summary}")
+            results.append({"config": name, "error": summary})
             continue
+        print(f"- {name}: accuracy {summary['eval/accuracy']:.4f}", flush=True)
         trace = Path(summary["run_dir"]) / "trace.jsonl"
         row: dict[str, Any] = {"config": name, "sets": E2E_CONFIGS[name], "final_accuracy": summary["eval/accuracy"],
                                "steps": summary["step"], "wall_s": summary["wall_s"],

@@ -496,6 +496,7 @@ class TestOnARealHead:
         assert "rayq: config error: compression.codec='nope' is not a codec; choose one of:" in r.stdout
         assert re.search(r"rayq: job raysubmit_\w+ FAILED after .*exit code 2", r.stderr), r.stderr
 
+    @pytest.mark.extended
     def test_jobs_list_status_and_logs_show_a_finished_job(self, head, tmp_path):
         r = rayq("submit", "--address", head.address, "--submission-id", "rayq-codecs-1", "--", "codecs",
                  cwd=tmp_path, env=head.env)
@@ -512,6 +513,7 @@ class TestOnARealHead:
         r = rayq("jobs", "status", "raysubmit_nope", "--address", head.address, cwd=tmp_path, env=head.env)
         assert r.returncode == 2 and "no job 'raysubmit_nope'" in r.stderr
 
+    @pytest.mark.extended
     def test_jobs_stop_stops_a_running_job(self, head, tmp_path):
         r = rayq("submit", "--address", head.address, "--submission-id", "rayq-long-1", "--", "train",
                  "--set", "max_steps=100000", "--set", "workers=2", "--set", "cpus_per_worker=0.5",
@@ -520,6 +522,7 @@ class TestOnARealHead:
         r = rayq("jobs", "stop", "rayq-long-1", "--address", head.address, cwd=tmp_path, env=head.env)
         assert r.returncode == 0 and "rayq: job rayq-long-1 STOPPED" in r.stdout, r.stdout + r.stderr
 
+    @pytest.mark.extended
     def test_train_with_address_drives_the_existing_head_directly(self, head, tmp_path):
         r = rayq("train", "--address", f"127.0.0.1:{head.gcs_port}", "--set", "max_steps=10", "--set", "workers=2",
                  "--set", "report_every=10", "--set", "eval_every=10", "--set", "checkpoint_every=10",
@@ -553,6 +556,7 @@ def local_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 class TestLocalClusterScriptWithTokenAuth:
     """clusters/local-cluster.sh: a head and a worker node with Ray token auth on; `stop` ends only them."""
 

@@ -1,0 +1,21 @@
+"""Trainer ``sweep``: several runs back to back in one Ray Train worker group.
+
+Each run goes through the ``sync`` trainer's loop unchanged (its own config, run directory, TensorBoard
+files and trace); only the worker group and its process group are shared, which saves Ray Train's
+start-up (~17 s with 4 workers on 2 cores) per run. Used by ``rayq.launch.train_many`` (benchmarks,
+the codec test matrix). Every run must use the same workers and devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainers import sync
+
+
+def train_loop(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
+    results = []
+    for run in loop_config["runs"]:
+        results.append(sync.train_loop({"config": run["config"], "run_dir": run["run_dir"],
+                                        "progress": loop_config.get("progress"), "fresh": True}))
+    return results
