@@ -33,14 +33,15 @@ def test_bench_codecs_writes_json_and_markdown_with_sane_figures(tmp_path):
 
 def test_bench_e2e_replays_one_run_per_configuration_on_each_network(ray_session, tmp_path):
     out = tmp_path / "e2e"
-    argv = ["bench", "e2e", "--task", "digits-wide", "--configs", "dense,qsgd", "--workers", "2", "--max-steps", "40",
+    argv = ["bench", "e2e", "--task", "digits-wide", "--configs", "dense,qsgd,ddp-powersgd-hook", "--workers", "2", "--max-steps", "40",
             "--eval-every", "10", "--target", "0.5", "--profiles", "volunteer-100m,datacenter-10g", "--out", str(out)]
     assert main(argv) == 0
     data = json.loads((out / "e2e.json").read_text())
     rows = {r["config"]: r for r in data["results"]}
-    assert set(rows) == {"dense", "qsgd"} and data["command"].startswith("rayq bench e2e")
+    assert set(rows) == {"dense", "qsgd", "ddp-powersgd-hook"} and data["command"].startswith("rayq bench e2e")
+    assert "error" not in rows["ddp-powersgd-hook"]  # PyTorch's own PowerSGD hook, bytes counted from its tensors
     assert 32 < rows["dense"]["bits_per_element"] < 33 and rows["qsgd"]["bits_per_element"] < 8
-    for r in rows.values():
+    for r in (rows["dense"], rows["qsgd"]):
         slow, fast = r["profiles"]["volunteer-100m"], r["profiles"]["datacenter-10g"]
         assert slow["total_sim_s"] > fast["total_sim_s"] > 0  # same steps, slower network
         assert [p[2] for p in slow["points"]] == [10, 20, 30, 40]

@@ -35,8 +35,8 @@ from rayq.netsim import VirtualClock, step_comm_seconds
 from rayq.profiles import load_profile
 from rayq.tasks import get_task
 from rayq.telemetry import TensorBoardLog
-from trainers.sync import (_mean_over_workers, average_buffers, batch_indices, build_optimizer, build_policy,
-                           check_finite, evaluate, make_plan)
+from trainers.sync import (average_buffers, batch_indices, build_optimizer, build_policy, check_finite, evaluate,
+                           make_plan, window_metrics)
 
 
 def build_hook(cfg: RunConfig, ddp: torch.nn.parallel.DistributedDataParallel) -> tuple[Any, AllReduceCounter | None]:
@@ -193,25 +193,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         if not report_now:
             continue
         done = step + 1
-        metrics: dict[str, Any] = {
-            "step": done, "epoch": done / plan.steps_per_epoch,
-            "train/loss": _mean_over_workers(window_loss / window_steps, device),
-            "comm/bits_per_element": window.bits_per_element,
-            "comm/compression_ratio": window.compression_ratio,
-            "comm/bytes_up": window.bytes_up / window_steps,
-            "comm/bytes_down": window.bytes_down / window_steps,
-            "comm/bytes_up_total": bytes_total,
-            "comm/packets": window.packets / window_steps,
-            "comm/elements": window.elements / window_steps,
-            "time/compute_s": window_compute / window_steps,
-            "time/encode_s": window.encode_s / window_steps,
-            "time/comm_s": window.comm_s / window_steps,
-            "time/decode_s": window.decode_s / window_steps,
-            "time/step_s": (time.perf_counter() - window_start) / window_steps,
-            "time/wall_s": time.perf_counter() - wall_start,
-            "train/skipped_steps": skipped,
-            "sync/count": done,
-        }
+        metrics: dict[str, Any] = window_metrics(done, plan, window, window_loss, window_steps, window_compute,
+                                                 window_start, wall_start, bytes_total, skipped, done, device)
         if clock is not None:
             metrics["sim/time_s"] = clock.now
             metrics["sim/comm_s"] = window_sim_comm / window_steps

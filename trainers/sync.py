@@ -80,6 +80,31 @@ def build_policy(cfg: RunConfig) -> Policy:
                   overrides=[Override(o.pattern, o.codec, o.params) for o in c.overrides])
 
 
+def window_metrics(done: int, plan: Plan, window: Ledger, loss_sum: float, steps: int, compute_s: float,
+                   window_start: float, wall_start: float, bytes_total: int, skipped: int, syncs: int,
+                   device: torch.device) -> dict[str, Any]:
+    """The figures every trainer reports for one window of ``steps`` steps (TensorBoard tags)."""
+    return {
+        "step": done, "epoch": done / plan.steps_per_epoch,
+        "train/loss": _mean_over_workers(loss_sum / steps, device),
+        "comm/bits_per_element": window.bits_per_element,
+        "comm/compression_ratio": window.compression_ratio,
+        "comm/bytes_up": window.bytes_up / steps,
+        "comm/bytes_down": window.bytes_down / steps,
+        "comm/bytes_up_total": bytes_total,
+        "comm/packets": window.packets / steps,
+        "comm/elements": window.elements / steps,
+        "time/compute_s": compute_s / steps,
+        "time/encode_s": window.encode_s / steps,
+        "time/comm_s": window.comm_s / steps,
+        "time/decode_s": window.decode_s / steps,
+        "time/step_s": (time.perf_counter() - window_start) / steps,
+        "time/wall_s": time.perf_counter() - wall_start,
+        "train/skipped_steps": skipped,
+        "sync/count": syncs,
+    }
+
+
 def build_schedule(cfg: RunConfig, group: CompressedGroup, params: list, plan: Plan, device: torch.device):
     """The sync schedule, plus the model averager (periodic/adaptive) or LAQ bookkeeping it needs."""
     sc = cfg.sync
@@ -307,25 +332,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         if not report_now:
             continue
         done = step + 1
-        metrics: dict[str, Any] = {
-            "step": done, "epoch": done / plan.steps_per_epoch,
-            "train/loss": _mean_over_workers(window_loss / window_steps, device),
-            "comm/bits_per_element": window.bits_per_element,
-            "comm/compression_ratio": window.compression_ratio,
-            "comm/bytes_up": window.bytes_up / window_steps,
-            "comm/bytes_down": window.bytes_down / window_steps,
-            "comm/bytes_up_total": bytes_total,
-            "comm/packets": window.packets / window_steps,
-            "comm/elements": window.elements / window_steps,
-            "time/compute_s": window_compute / window_steps,
-            "time/encode_s": window.encode_s / window_steps,
-            "time/comm_s": window.comm_s / window_steps,
-            "time/decode_s": window.decode_s / window_steps,
-            "time/step_s": (time.perf_counter() - window_start) / window_steps,
-            "time/wall_s": time.perf_counter() - wall_start,
-            "train/skipped_steps": skipped,
-            "sync/count": syncs,
-        }
+        metrics: dict[str, Any] = window_metrics(done, plan, window, window_loss, window_steps, window_compute,
+                                                 window_start, wall_start, bytes_total, skipped, syncs, device)
         if clock is not None:
             metrics["sim/time_s"] = clock.now
             metrics["sim/comm_s"] = window_sim_comm / window_steps
