@@ -257,7 +257,8 @@ def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[s
     """Train several configurations back to back in one worker group (trainer ``sweep``).
 
     All of them must share ``workers``, ``cpus_per_worker``, ``use_gpu`` and ``backend``: they run on the
-    same Ray Train workers, one after another, each with its own run directory and summary.
+    same Ray Train workers, one after another, each with its own run directory and summary. A run that
+    diverges (NaN/Inf) gets a summary with an ``error`` and the others go on.
     """
     from dataclasses import replace as _replace
 
@@ -281,6 +282,9 @@ def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[s
     wall = time.perf_counter() - started
     summaries = []
     for (c, d), final in zip(prepared, result.return_value or []):
+        if "error" in final:
+            summaries.append({"run": c.name, "codec": c.compression.codec, "error": final["error"]})
+            continue
         # each run's own loop time (the shared start-up is not split across runs)
         summaries.append(summarize(c, d, _Finished(final), final.get("time/wall_s", wall / len(prepared))))
     return summaries

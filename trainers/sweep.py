@@ -16,6 +16,11 @@ from trainers import sync
 def train_loop(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     results = []
     for run in loop_config["runs"]:
-        results.append(sync.train_loop({"config": run["config"], "run_dir": run["run_dir"],
-                                        "progress": loop_config.get("progress"), "fresh": True}))
+        try:
+            results.append(sync.train_loop({"config": run["config"], "run_dir": run["run_dir"],
+                                            "progress": loop_config.get("progress"), "fresh": True}))
+        except sync.NonFiniteGradientError as err:
+            # Every worker sees the same averaged gradient, so every worker stops this run at the same
+            # step: the group stays in step and goes on with the next run.
+            results.append({"error": str(err)})
     return results
