@@ -45,7 +45,7 @@ def test_every_codec_trains_digits_to_its_bar(ray_session, tmp_path):
     from rayq.config import load_config
     from rayq.launch import train_many
 
-    common = ["report_every=110", "eval_every=0", "checkpoint_every=0", "compression.min_numel=0"]
+    common = ["epochs=20", "report_every=110", "eval_every=0", "checkpoint_every=0", "compression.min_numel=0"]
     cfgs = [load_config(None, common + [f"compression.codec={codec}"] + extra,
                         extra={"name": f"matrix-{codec}", "output_dir": str(tmp_path)})
             for codec, (extra, _) in MATRIX.items()]
@@ -56,10 +56,10 @@ def test_every_codec_trains_digits_to_its_bar(ray_session, tmp_path):
     assert not failures, f"below their bar: {failures}"
     nominal = {"none": 32, "fp16": 16, "bf16": 16, "int8": 8.125, "sign": 1, "terngrad": 2}
     for s in summaries:
-        assert s["step"] == 330
+        assert s["step"] == 220
         assert 0 < s["comm/bits_per_element"] < 33
-        if s["codec"] in nominal:  # headers make every codec a little above its nominal rate
-            assert nominal[s["codec"]] <= s["comm/bits_per_element"] < nominal[s["codec"]] * 1.1 + 0.5, s
+        if s["codec"] in nominal:  # packet headers (and sign's zero positions) add up to ~1 bit/element
+            assert nominal[s["codec"]] <= s["comm/bits_per_element"] < nominal[s["codec"]] * 1.05 + 1.0, s
         run_dir = Path(s["run_dir"])
         assert json.loads((run_dir / "summary.json").read_text())["eval/accuracy"] == s["eval/accuracy"]
         assert f"codec: {s['codec']}" in (run_dir / "config.yaml").read_text()
