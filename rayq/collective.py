@@ -258,6 +258,10 @@ def _forbidden(name: str, kind: Kind, multi_round: bool, strategy: str) -> str |
     if strategy == "allreduce" and kind is Kind.GATHER:
         return (f"codec {name!r} is gather-kind: its packets cannot be summed; strategy 'allreduce' is not "
                 "allowed; use auto, allgather or two_phase")
+    if strategy == "allgather" and multi_round:
+        return (f"codec {name!r} is a multi-round linear codec: each round needs the sum over all workers "
+                "(its error feedback and warm start depend on it), so packets decoded one by one would be "
+                "wrong; strategy 'allgather' is not allowed; use auto or allreduce")
     if strategy == "two_phase" and multi_round:
         return (f"codec {name!r} is a multi-round linear codec: its rounds need the sum over all workers, "
                 "so a shard owner cannot decode and re-encode it; strategy 'two_phase' is not allowed; "

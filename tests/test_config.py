@@ -34,6 +34,9 @@ def test_yaml_then_set_overrides(tmp_path):
     (["compression.bogus=1"], "unknown config key 'compression.bogus'; allowed keys in compression: codec"),
     (["resume=/nonexistent/ckpt"], "resume='/nonexistent/ckpt' is invalid; expected an existing checkpoint directory"),
     (["workers"], "must look like key=value"),
+    (["compression.codec=qsgd", "compression.strategy=allreduce"], "codec 'qsgd' is gather-kind"),
+    (["compression.codec=powersgd", "compression.strategy=allgather"], "strategy 'allgather' is not allowed"),
+    (["compression.codec=powersgd", "compression.strategy=two_phase"], "strategy 'two_phase' is not allowed"),
 ])
 def test_bad_values_name_key_value_and_allowed(sets, message):
     with pytest.raises(ConfigError) as err:

@@ -174,7 +174,9 @@ def test_forbidden_codec_strategy_pairs_are_errors_that_name_both():
         with pytest.raises(ConfigError, match="'powersgd'.*'two_phase'"):
             from_dict(CompressionConfig, {"codec": "none", "strategy": "two_phase",
                                           "overrides": [{"pattern": "fc*", "codec": "powersgd"}]}, "compression")
-        check_strategy("powersgd", "allgather")
+        with pytest.raises(ValueError, match="codec 'powersgd' is a multi-round.*strategy 'allgather' is not allowed"):
+            check_strategy("powersgd", "allgather")
+        check_strategy("powersgd", "allreduce")
 
 
 def _gloo_strategies(rank: int, world: int) -> dict:
