@@ -282,8 +282,8 @@ def _parse_values(obj: Any, path: str) -> None:
 
 
 @dataclass
-class NodeValues:
-    """Fixed node parameters as written under ``defaults:``; unset keys stay ``UNSET``."""
+class _NodeParams:
+    """The node parameters a profile can set (the keys of ``PARAMS``); unset keys stay ``UNSET``."""
 
     up: Any = UNSET
     down: Any = UNSET
@@ -295,6 +295,11 @@ class NodeValues:
     join_at: Any = UNSET
     straggler_prob: Any = UNSET
     straggler_slowdown: Any = UNSET
+
+
+@dataclass
+class NodeValues(_NodeParams):
+    """Fixed node parameters as written under ``defaults:``."""
 
     def validate(self, path: str) -> None:
         _parse_values(self, path)
@@ -315,19 +320,8 @@ class NodeEntry(NodeValues):
 
 
 @dataclass
-class Distribution:
+class Distribution(_NodeParams):
     """``distribution:``: one :class:`Dist` spec (``{dist: ..., ...}``) per sampled parameter."""
-
-    up: Any = UNSET
-    down: Any = UNSET
-    latency: Any = UNSET
-    speed_factor: Any = UNSET
-    client_mode: Any = UNSET
-    session_mean: Any = UNSET
-    rejoin_delay: Any = UNSET
-    join_at: Any = UNSET
-    straggler_prob: Any = UNSET
-    straggler_slowdown: Any = UNSET
 
     def validate(self, path: str) -> None:
         for name in PARAMS:
