@@ -309,7 +309,8 @@ TABLES_PATH = Path(__file__).resolve().parent / "data" / "fewbit_tables.json"
 _TABLES_FORMAT = 1
 
 
-def generate_tables(grid: Grid = TABLE_GRID, names: tuple[str, ...] = tuple(SMOOTH)) -> dict[str, dict[int, StepFunction]]:
+def generate_tables(grid: Grid = TABLE_GRID,
+                    names: tuple[str, ...] = tuple(SMOOTH)) -> dict[str, dict[int, StepFunction]]:
     """Solve every activation of ``names`` for 1–4 bits by :func:`solve_dp` (w ≡ 1)."""
     return {name: {bits: solve_dp(name, bits, grid) for bits in BITS} for name in names}
 
@@ -388,7 +389,8 @@ def unpack_codes(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     pad = (-d.numel()) % 3
     if pad:
         d = torch.cat([d, d.new_zeros(pad)])
-    words = (d.view(-1, 3) << torch.tensor([0, 8, 16], dtype=torch.int32, device=d.device)).sum(dim=1, dtype=torch.int32)
+    shifts = torch.tensor([0, 8, 16], dtype=torch.int32, device=d.device)
+    words = (d.view(-1, 3) << shifts).sum(dim=1, dtype=torch.int32)
     codes = (words.unsqueeze(1) >> torch.arange(0, 24, 3, dtype=torch.int32, device=d.device)) & 0b111
     return codes.reshape(-1)[:count].to(torch.int64)
 

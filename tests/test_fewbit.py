@@ -265,4 +265,5 @@ def test_three_bit_gelu_mlp_trains_like_the_exact_one_on_digits():
         losses[bits] = loss.item()
     assert losses[None] < 0.1
     assert losses[3] == pytest.approx(losses[None], rel=0.25, abs=0.01)
-    assert isinstance(gelu_mlp(bits=3)[1], FewBitGELU) and isinstance(gelu_mlp(activation="silu", bits=1)[1], FewBitSiLU)
+    assert isinstance(gelu_mlp(bits=3)[1], FewBitGELU)
+    assert isinstance(gelu_mlp(activation="silu", bits=1)[1], FewBitSiLU)

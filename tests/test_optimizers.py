@@ -16,7 +16,8 @@ LR, L1, DELTA = 0.3, 0.05, 1e-8
 
 def _gradients(rounds: int, d: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rounds, d, generator=gen, dtype=torch.float64) * torch.linspace(0.01, 1.0, d, dtype=torch.float64)
+    scale = torch.linspace(0.01, 1.0, d, dtype=torch.float64)
+    return torch.randn(rounds, d, generator=gen, dtype=torch.float64) * scale
 
 
 def _run(cls: type, grads: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.optim.Optimizer]:
@@ -69,7 +70,8 @@ def test_rda_step_is_the_argmin_of_the_dual_averaging_objective():
     def objective(z):
         return LR * mean.unsqueeze(1) * z + LR * L1 * z.abs() + h.unsqueeze(1) * z**2 / (2 * t)
 
-    brute = _argmin_on_grid(objective, torch.full((64,), -5.0, dtype=torch.float64), torch.full((64,), 5.0, dtype=torch.float64))
+    bound = torch.full((64,), 5.0, dtype=torch.float64)
+    brute = _argmin_on_grid(objective, -bound, bound)
     assert torch.allclose(after, brute, atol=1e-6)
 
 
@@ -180,7 +182,8 @@ def _train_logistic(cls, seed: int, l1: float, codec=None, rounds: int = 150) ->
         logits = torch.einsum("mnd,d->mn", X, x.detach())
         grads = torch.einsum("mnd,mn->md", X, torch.sigmoid(logits) - y) / X.shape[1]
         if codec is not None:
-            infos = [TensorInfo("w", (X.shape[2],), worker=m, world=X.shape[0], step=t, seed=seed) for m in range(X.shape[0])]
+            infos = [TensorInfo("w", (X.shape[2],), worker=m, world=X.shape[0], step=t, seed=seed)
+                     for m in range(X.shape[0])]
             grads = torch.stack([codec.decode(codec.encode(g, i), i).to(torch.float64) for g, i in zip(grads, infos)])
         x.grad = grads.mean(0)
         opt.step()
