@@ -20,13 +20,19 @@ from rayq.privacy.metrics import (
     score_images, ssim,
 )
 from rayq.privacy.report import WrittenReport, markdown_table, write_all, write_json, write_markdown, write_png_grids, write_tensorboard
+from rayq.privacy.split import (
+    DecoderLeakage, SplitModel, SplitStep, SplitTraining, decoder_leakage, mlp_decoder, smashed_bits, split_accuracy,
+    split_cnn, split_step, train_decoder_attack, train_split,
+)
 from rayq.privacy.victims import InputSpec, VictimKind, batch_gradient, build_victim, lenet_sigmoid, mlp_victim, soft_cross_entropy
 from rayq.privacy.wire import (
     CodecSpec, ErrorFeedbackMode, LayerRule, ParamObservation, RandomPrecision, WireCapture, capture, transmit,
 )
 
 __all__ = [
-    "AlignmentAttack", "AttackName", "AttackResult", "CodecSpec", "DLGBudget", "Distance", "ErrorFeedbackMode",
+    "AlignmentAttack", "AttackName", "AttackResult", "CodecSpec", "DLGBudget", "DecoderLeakage", "Distance",
+    "ErrorFeedbackMode", "SplitModel", "SplitStep", "SplitTraining", "decoder_leakage", "mlp_decoder", "smashed_bits",
+    "split_accuracy", "split_cnn", "split_step", "train_decoder_attack", "train_split",
     "GradientObjective", "IGBudget", "ImageData", "ImageScores", "InputSpec", "Knowledge", "LabelSource", "LayerRule",
     "LeakConfig", "LeakReport", "LeakRow", "MembershipReport", "Normalization", "ParamObservation", "RandomPrecision",
     "SUCCESS_PSNR_DB", "SUCCESS_SSIM", "ThresholdAttack", "VictimKind", "View", "WireCapture", "WrittenReport",

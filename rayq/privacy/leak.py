@@ -24,9 +24,11 @@ from rayq.privacy.attacks import (
     AttackResult, DLGBudget, Distance, GradientObjective, IGBudget, Knowledge, analytic_fc_inversion, dlg, idlg_labels,
     inverting_gradients,
 )
-from rayq.privacy.metrics import Normalization, label_accuracy, score_images
+from rayq.privacy.metrics import Normalization, is_success, label_accuracy, score_images
 from rayq.privacy.victims import InputSpec, VictimKind, batch_gradient, build_victim
-from rayq.privacy.wire import INNOVATION_CODECS, CodecSpec, ErrorFeedbackMode, LayerRule, WireCapture, capture
+from rayq.privacy.wire import (
+    INNOVATION_CODECS, CodecSpec, ErrorFeedbackMode, LayerRule, RandomPrecision, WireCapture, capture,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def default_codecs() -> tuple[CodecSpec, ...]:
 
 def report_codecs() -> tuple[CodecSpec, ...]:
     """The full sweep: every family of codec, error feedback at its first and a steady-state round,
-    and a fixed mixed-precision pattern (first and last layers at 2 bits with per-channel scales)."""
+    a fixed mixed-precision pattern (first and last layers at 2 bits with per-channel scales) and a
+    per-round random precision."""
     mixed = CodecSpec(codec="int8", params=(("bits", 8),), label="mixed(first+last 2b per-channel, rest 8b)",
                       rules=(LayerRule("0.*", "int8", (("bits", 2),), per_channel=True),
                              LayerRule("7.*", "int8", (("bits", 2),), per_channel=True)))
@@ -61,7 +64,8 @@ def report_codecs() -> tuple[CodecSpec, ...]:
             CodecSpec.of("int8", bits=2), CodecSpec.of("qsgd"), CodecSpec.of("topk", density=0.01),
             CodecSpec.of("topk", density=0.01, error_feedback="first"),
             CodecSpec.of("topk", density=0.01, error_feedback="steady"), CodecSpec.of("sign"),
-            CodecSpec.of("powersgd"), CodecSpec.of("rcfed"), mixed)
+            CodecSpec.of("powersgd"), CodecSpec.of("rcfed"), mixed,
+            CodecSpec(random_precision=RandomPrecision(bits=(2, 4, 8, 16), seed=0), label="random-precision(2/4/8/16b)"))
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,6 @@ class LeakRow:
 
     @property
     def success(self) -> tuple[bool, ...]:
-        from rayq.privacy.metrics import is_success
-
         return tuple(is_success(p, s) for p, s in zip(self.psnr, self.ssim))
 
     @property

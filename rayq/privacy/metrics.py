@@ -156,10 +156,12 @@ class ImageScores:
         return tuple(is_success(p, s) for p, s in zip(self.psnr, self.ssim))
 
 
-def score_images(reconstruction: torch.Tensor, truth: torch.Tensor, norm: Normalization) -> ImageScores:
-    """De-normalise and clamp both batches, match them, and score every image."""
+def score_images(reconstruction: torch.Tensor, truth: torch.Tensor, norm: Normalization,
+                 match: bool = True) -> ImageScores:
+    """De-normalise and clamp both batches, match them (unless the pairing is known: ``match=False``),
+    and score every image."""
     rec, tru = norm.to_pixels(_as_images(reconstruction).detach()), norm.to_pixels(_as_images(truth).detach())
-    perm = match_batch(rec, tru)
+    perm = match_batch(rec, tru) if match else torch.arange(rec.shape[0])
     rec = rec[perm]
     return ImageScores(psnr=tuple(psnr(rec, tru).tolist()), ssim=tuple(ssim(rec, tru).tolist()),
                        mse=tuple(mse(rec, tru).tolist()), permutation=tuple(perm.tolist()))
