@@ -77,7 +77,8 @@ def test_tpr_at_one_percent_fpr_allows_at_most_one_percent_of_non_members_above_
     nonmembers = torch.arange(0, 100, dtype=torch.float64)
     assert tpr_at_fpr(members, nonmembers, 0.01) == 1.0
     shuffled = torch.arange(0, 200, dtype=torch.float64)
-    assert tpr_at_fpr(shuffled[1::2], shuffled[0::2], 0.01) == pytest.approx(0.02)   # 199, 197 above 196; 198 the one FP
+    # members 199 and 197 lie above the threshold 196; non-member 198 is the one false positive allowed
+    assert tpr_at_fpr(shuffled[1::2], shuffled[0::2], 0.01) == pytest.approx(0.02)
 
 
 def test_threshold_attack_finds_a_perfect_separation():

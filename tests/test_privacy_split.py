@@ -7,7 +7,8 @@ import torch
 
 from rayq.privacy.metrics import Normalization
 from rayq.privacy.split import (
-    decoder_leakage, mlp_decoder, smashed_bits, split_accuracy, split_cnn, split_step, train_decoder_attack, train_split,
+    decoder_leakage, mlp_decoder, smashed_bits, split_accuracy, split_cnn, split_step, train_decoder_attack,
+    train_split,
 )
 from rayq.privacy.victims import InputSpec
 from rayq.tasks import load_digits_split

@@ -19,12 +19,16 @@ from rayq.privacy.metrics import (
     SUCCESS_PSNR_DB, SUCCESS_SSIM, ImageScores, Normalization, is_success, label_accuracy, match_batch, mse, psnr,
     score_images, ssim,
 )
-from rayq.privacy.report import WrittenReport, markdown_table, write_all, write_json, write_markdown, write_png_grids, write_tensorboard
+from rayq.privacy.report import (
+    WrittenReport, markdown_table, write_all, write_json, write_markdown, write_png_grids, write_tensorboard,
+)
 from rayq.privacy.split import (
     DecoderLeakage, SplitModel, SplitStep, SplitTraining, decoder_leakage, mlp_decoder, smashed_bits, split_accuracy,
     split_cnn, split_step, train_decoder_attack, train_split,
 )
-from rayq.privacy.victims import InputSpec, VictimKind, batch_gradient, build_victim, lenet_sigmoid, mlp_victim, soft_cross_entropy
+from rayq.privacy.victims import (
+    InputSpec, VictimKind, batch_gradient, build_victim, lenet_sigmoid, mlp_victim, soft_cross_entropy,
+)
 from rayq.privacy.wire import (
     CodecSpec, ErrorFeedbackMode, LayerRule, ParamObservation, RandomPrecision, WireCapture, capture, transmit,
 )
@@ -40,7 +44,8 @@ __all__ = [
     "correctness_attack_accuracy", "default_codecs", "distance_correlation", "dlg", "gaussian_threshold_success",
     "gradient_alignment_attack", "idlg_labels", "inverting_gradients", "is_success", "label_accuracy", "lenet_sigmoid",
     "load_images", "loss_threshold_attack", "markdown_table", "match_batch", "membership_report", "mlp_victim", "mse",
-    "nopeek_loss", "pairwise_distances", "per_sample_gradients", "per_sample_losses", "psnr", "report_codecs", "roc_auc",
+    "nopeek_loss", "pairwise_distances", "per_sample_gradients", "per_sample_losses", "psnr", "report_codecs",
+    "roc_auc",
     "run_leak", "score_images", "soft_cross_entropy", "ssim", "straight_through", "threshold_attack", "total_variation",
     "tpr_at_fpr", "transmit", "write_all", "write_json", "write_markdown", "write_png_grids", "write_tensorboard",
     "yeom_bound",

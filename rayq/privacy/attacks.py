@@ -148,7 +148,8 @@ class GradientObjective:
         return 1.0 - dot / (na.sqrt() * nb.sqrt() + _TINY)
 
 
-def candidate_gradients(model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def candidate_gradients(model: nn.Module, names: Sequence[str], x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """∂ℓ(F(x), y)/∂W for the named parameters, differentiable in x and y (second-order autograd)."""
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
@@ -221,8 +222,8 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def dlg(model: nn.Module, objective: GradientObjective, shape: Sequence[int], classes: int, budget: DLGBudget = DLGBudget(),
-        *, labels: torch.Tensor | None = None, seed: int = 0) -> AttackResult:
+def dlg(model: nn.Module, objective: GradientObjective, shape: Sequence[int], classes: int,
+        budget: DLGBudget = DLGBudget(), *, labels: torch.Tensor | None = None, seed: int = 0) -> AttackResult:
     """Deep Leakage from Gradients: L-BFGS on a dummy batch x′ ~ N(0, I) (and dummy label logits y′ ~
     N(0, I) with soft labels softmax(y′), unless ``labels`` are known, e.g. from iDLG)."""
     shape = _check_shape(shape)
@@ -318,7 +319,8 @@ def idlg_labels(last_weight_grad: torch.Tensor, batch: int = 1) -> torch.Tensor:
 
 def analytic_fc_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
     """The input of a fully-connected layer z = Wx + b from one sample's gradient: ∂ℓ/∂W_j = (∂ℓ/∂z_j)·xᵀ
-    and ∂ℓ/∂b_j = ∂ℓ/∂z_j, so x = ∇W_j / ∇b_j for any row j with ∇b_j ≠ 0 (the largest |∇b_j| is used)."""
+    and ∂ℓ/∂b_j = ∂ℓ/∂z_j, so x = ∇W_j / ∇b_j for any row j with ∇b_j ≠ 0 (the largest |∇b_j| is
+    used)."""
     if weight_grad.dim() != 2 or bias_grad.shape != weight_grad.shape[:1]:
         raise ValueError(f"weight gradient {tuple(weight_grad.shape)} and bias gradient {tuple(bias_grad.shape)} "
                          "must be (out, in) and (out,)")

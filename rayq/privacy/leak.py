@@ -65,7 +65,8 @@ def report_codecs() -> tuple[CodecSpec, ...]:
             CodecSpec.of("topk", density=0.01, error_feedback="first"),
             CodecSpec.of("topk", density=0.01, error_feedback="steady"), CodecSpec.of("sign"),
             CodecSpec.of("powersgd"), CodecSpec.of("rcfed"), mixed,
-            CodecSpec(random_precision=RandomPrecision(bits=(2, 4, 8, 16), seed=0), label="random-precision(2/4/8/16b)"))
+            CodecSpec(random_precision=RandomPrecision(bits=(2, 4, 8, 16), seed=0),
+                      label="random-precision(2/4/8/16b)"))
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ IMAGE_TASKS = {"digits": _digits, "digits-wide": _digits, "fashion-mnist": _idx_
 
 def load_images(task: str, data_dir: str | None = None) -> ImageData:
     if task not in IMAGE_TASKS:
-        raise ValueError(f"task={task!r} has no image data for the leak experiment; choose one of: {', '.join(IMAGE_TASKS)}")
+        raise ValueError(f"task={task!r} has no image data for the leak experiment; "
+                         f"choose one of: {', '.join(IMAGE_TASKS)}")
     return IMAGE_TASKS[task](data_dir)
 
 

@@ -93,7 +93,7 @@ def loss_threshold_attack(member_losses: torch.Tensor | Sequence[float],
 def correctness_attack_accuracy(member_correct: torch.Tensor | Sequence[bool],
                                 nonmember_correct: torch.Tensor | Sequence[bool]) -> float:
     """Balanced accuracy of "member iff classified correctly": ½·P(correct | member) + ½·P(wrong | non-member),
-    which equals ½ + ½(acc_train − acc_test) (Yeom et al. 2018, Theorem 2 with the 0-1 loss)."""
+    which equals ½ + ½(acc_train − acc_test) (Yeom et al. 2018, with the 0-1 loss)."""
     m = _scores(torch.as_tensor(member_correct).double(), "member correctness")
     n = _scores(torch.as_tensor(nonmember_correct).double(), "non-member correctness")
     return float(0.5 * m.mean() + 0.5 * (1.0 - n.mean()))

@@ -49,7 +49,8 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4:
-        raise ValueError(f"images must be (batch, channels, height, width) or (batch, height, width); got shape {tuple(x.shape)}")
+        raise ValueError("images must be (batch, channels, height, width) or (batch, height, width); "
+                         f"got shape {tuple(x.shape)}")
     return x
 
 

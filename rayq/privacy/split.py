@@ -93,7 +93,8 @@ def train_split(model: SplitModel, x: torch.Tensor, y: torch.Tensor, *, alpha_dc
     g = torch.Generator().manual_seed(mix_seed(seed, _SHUFFLE_PURPOSE))
     losses, dcors, bits = [], [], 0
     for _ in range(epochs):
-        steps = [split_step(model, optimizer, x[b], y[b], alpha_dcor, alpha_task) for b in _batches(len(y), batch_size, g)]
+        steps = [split_step(model, optimizer, x[b], y[b], alpha_dcor, alpha_task)
+                 for b in _batches(len(y), batch_size, g)]
         losses.append(sum(s.loss for s in steps) / len(steps))
         dcors.append(sum(s.dcor for s in steps) / len(steps))
         bits += sum(s.bits_up for s in steps)

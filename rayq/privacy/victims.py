@@ -3,7 +3,7 @@
 The LeNet with sigmoids is the victim of Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019):
 twice-differentiable activations and weights drawn from U(−0.5, 0.5), the easiest setting for an
 attacker, hence a worst case for a defence. The MLP has a first fully-connected layer with bias,
-whose input a single-sample gradient reveals exactly (Geiping et al., NeurIPS 2020, Prop. D.1).
+whose input a single-sample gradient reveals exactly (Geiping et al., NeurIPS 2020).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def lenet_sigmoid(spec: InputSpec) -> nn.Sequential:
-    """Conv(c→12, k5, s2, p2)–σ–Conv(12→12, k5, s2, p2)–σ–Conv(12→12, k5, s1, p2)–σ–FC(·→classes),
-    the DLG victim; 8×8 inputs give a 12·2·2 = 48-wide FC, 28×28 give 588, 32×32 the paper's 768."""
+    """The DLG victim: Conv(c→12, k5, s2, p2)–σ–Conv(12→12, k5, s2, p2)–σ–Conv(12→12, k5, s1, p2)–σ–
+    FC(·→classes); 8×8 inputs give a 12·2·2 = 48-wide FC, 28×28 give 588, 32×32 the paper's 768."""
     h, w = spec.height, spec.width
     for stride in (2, 2, 1):
         h, w = _conv_out(h, 5, stride, 2), _conv_out(w, 5, stride, 2)

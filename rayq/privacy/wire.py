@@ -5,8 +5,8 @@ receiver does; the bits are ``8·len(bytes)`` of those packets. Besides the deco
 observer keeps what the packet reveals to any receiver: the transmitted support of a sparsifier, the
 orthonormal basis P̂ of PowerSGD, and (LAQ) the receiver's running sum of past innovations.
 
-Error feedback is simulated here with the codec's own encode/decode (Karimireddy et al., ICML 2019,
-Alg. 2): ``u = g + e ; send C(u) ; e ← u − D(C(u))``. The first message after a (re)join carries no
+Error feedback is simulated here with the codec's own encode/decode (Karimireddy et al., ICML 2019):
+``u = g + e ; send C(u) ; e ← u − D(C(u))``. The first message after a (re)join carries no
 residual (e = 0); a steady-state message carries residuals of earlier batches, simulated with the
 same weights. Mixed-precision policies choose a codec per layer by name pattern, or draw bits and
 mode per layer and per round from a seeded distribution (after Ovi et al., arXiv 2210.13457, 2022).
@@ -71,7 +71,8 @@ class RandomPrecision:
         bad = [b for b in self.bits if not (2 <= b <= 8 or b in (16, 32))]
         if not self.bits or bad:
             raise ValueError(f"RandomPrecision bits={self.bits} must be non-empty, each in 2..8, 16 or 32")
-        if self.probs is not None and (len(self.probs) != len(self.bits) or min(self.probs) < 0 or sum(self.probs) <= 0):
+        if self.probs is not None and (len(self.probs) != len(self.bits) or min(self.probs) < 0
+                                       or sum(self.probs) <= 0):
             raise ValueError(f"RandomPrecision probs={self.probs} must be {len(self.bits)} non-negative weights")
         bad_modes = [m for m in self.modes if m not in ("symmetric", "affine")]
         if not self.modes or bad_modes:
@@ -306,5 +307,7 @@ def capture(grads: Mapping[str, torch.Tensor], spec: CodecSpec, *, step: int = 0
             decoded = ref + decoded
         observations.append(ParamObservation(name=name, shape=shape, codec=codec, info=info_for(name, shape, step),
                                              decoded=decoded, bits=bits, support=support, basis=basis, reference=ref))
-    norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in residual.values())) if ef is ErrorFeedbackMode.STEADY else 0.0
+    norm = 0.0
+    if ef is ErrorFeedbackMode.STEADY:
+        norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in residual.values()))
     return WireCapture(spec=spec, params=tuple(observations), error_feedback=ef, residual_norm=norm)
