@@ -17,12 +17,20 @@ from typing import Any
 
 from rayq.privacy.leak import AttackName, LeakReport, LeakRow
 from rayq.privacy.metrics import SUCCESS_PSNR_DB, SUCCESS_SSIM
+from rayq.privacy.wire import CodecSpec, LayerRule
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe: enums by value, dataclasses as dicts, ±inf as strings, NaN as null."""
+    """JSON-safe: enums by value, dataclasses as dicts (codec parameters as objects), ±inf as strings,
+    NaN as null."""
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, CodecSpec):
+        return {"name": value.name, **{f.name: _plain(dict(value.params) if f.name == "params" else getattr(value, f.name))
+                                       for f in dataclasses.fields(value)}}
+    if isinstance(value, LayerRule):
+        return {"pattern": value.pattern, "codec": value.codec, "params": _plain(dict(value.params)),
+                "per_channel": value.per_channel}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
