@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +184,7 @@ class ParamObservation:
         return math.prod(self.shape)
 
     def roundtrip(self, g: torch.Tensor) -> torch.Tensor:
-        """``reference + D(C(g − reference))`` with this parameter's codec and tensor info."""
+        """``reference + D(C(g − reference))`` with this parameter's codec and tensor info (one message)."""
         flat = g.detach().reshape(-1).to(torch.float32)
         if self.reference is None:
             return self.codec.encode_decode(flat, self.info)[1].reshape(self.shape)
@@ -246,6 +246,27 @@ def powersgd_basis(codec: Codec, packet: Packet, info: TensorInfo) -> torch.Tens
     return packet.fields[0].to(torch.float32)
 
 
+def _replay(past: Sequence[Mapping[str, torch.Tensor]], spec: CodecSpec, start: int, steady: bool,
+            info_for: Callable[[str, tuple[int, ...], int], TensorInfo]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the earlier rounds; return the state they leave: the error-feedback residual e of every
+    parameter (``steady`` only) and the receiver's sum of LAQ innovations."""
+    residual: dict[str, torch.Tensor] = {}
+    reference: dict[str, torch.Tensor] = {}
+    for t, earlier in enumerate(past, start=start):
+        for name, g in earlier.items():
+            shape = tuple(g.shape)
+            codec = spec.codec_for(name, shape, t)
+            u = g.float() + residual.get(name, 0.0) if steady else g.float()
+            innovation = codec.name in INNOVATION_CODECS
+            sent = u - reference.get(name, 0.0) if innovation else u
+            decoded, _, _ = transmit(codec, sent, info_for(name, shape, t))
+            if innovation:
+                reference[name] = decoded = reference.get(name, 0.0) + decoded
+            if steady:
+                residual[name] = u - decoded
+    return residual, reference
+
+
 def capture(grads: Mapping[str, torch.Tensor], spec: CodecSpec, *, step: int = 0, worker: int = 0, world: int = 1,
             seed: int = 0, history: Sequence[Mapping[str, torch.Tensor]] = ()) -> WireCapture:
     """Transmit ``grads`` (one worker, round ``step``) through ``spec`` and observe the packets.
@@ -255,43 +276,27 @@ def capture(grads: Mapping[str, torch.Tensor], spec: CodecSpec, *, step: int = 0
     and LAQ's receiver-side sum of innovations. Earlier rounds use steps ``step − len(history) …``.
     """
     ef = spec.error_feedback
+    steady = ef is ErrorFeedbackMode.STEADY
     past = list(history)
-    if ef is ErrorFeedbackMode.STEADY:
+    if steady:
         if len(past) < spec.warmup_rounds:
             raise ValueError(f"steady-state error feedback needs {spec.warmup_rounds} earlier gradients, "
                              f"history holds {len(past)}")
         past = past[len(past) - spec.warmup_rounds:] if spec.warmup_rounds else []
     elif not any(spec.codec_for(n, tuple(g.shape), step).name in INNOVATION_CODECS for n, g in grads.items()):
         past = []  # nothing an earlier round leaves behind changes this message
-    residual = {n: torch.zeros_like(g, dtype=torch.float32) for n, g in grads.items()}
-    reference = {n: torch.zeros_like(g, dtype=torch.float32) for n, g in grads.items()}
-    start = step - len(past)
 
     def info_for(name: str, shape: tuple[int, ...], t: int) -> TensorInfo:
         return TensorInfo(name, tuple(shape), worker=worker, world=world, step=t, seed=seed)
 
-    for k, earlier in enumerate(past):  # earlier rounds: only the state they leave matters
-        t = start + k
-        for name, g in earlier.items():
-            shape = tuple(g.shape)
-            codec = spec.codec_for(name, shape, t)
-            u = g.float() + residual[name] if ef is not ErrorFeedbackMode.OFF else g.float()
-            sent = u - reference[name] if codec.name in INNOVATION_CODECS else u
-            decoded, _, _ = transmit(codec, sent, info_for(name, shape, t))
-            if codec.name in INNOVATION_CODECS:
-                reference[name] = reference[name] + decoded
-                decoded = reference[name]
-            if ef is not ErrorFeedbackMode.OFF:
-                residual[name] = u - decoded
-
+    residual, reference = _replay(past, spec, step - len(past), steady, info_for)
     observations = []
     for name, g in grads.items():
         shape = tuple(g.shape)
         codec = spec.codec_for(name, shape, step)
-        u = g.float() + residual[name] if ef is ErrorFeedbackMode.STEADY else g.float()
-        innovation = codec.name in INNOVATION_CODECS
-        ref = reference[name] if innovation else None
-        sent = u - reference[name] if innovation else u
+        u = g.float() + residual.get(name, 0.0) if steady else g.float()
+        ref = reference.get(name, torch.zeros(shape)) if codec.name in INNOVATION_CODECS else None
+        sent = u - ref if ref is not None else u
         decoded_sum = torch.zeros(shape)
         bits, support, basis = 0, None, None
         for m in range(spec.messages):
@@ -307,7 +312,5 @@ def capture(grads: Mapping[str, torch.Tensor], spec: CodecSpec, *, step: int = 0
             decoded = ref + decoded
         observations.append(ParamObservation(name=name, shape=shape, codec=codec, info=info_for(name, shape, step),
                                              decoded=decoded, bits=bits, support=support, basis=basis, reference=ref))
-    norm = 0.0
-    if ef is ErrorFeedbackMode.STEADY:
-        norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in residual.values()))
+    norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in residual.values()))
     return WireCapture(spec=spec, params=tuple(observations), error_feedback=ef, residual_norm=norm)
