@@ -1,7 +1,8 @@
 """Drive a run on Ray: resolve the config, start (or join) Ray, fit a TorchTrainer, relay progress.
 
 The trainer is found by name (``trainer: sync`` → ``trainers.sync.train_loop``) or as
-``package.module:function`` for a user's own loop: the plugin boundary of DESIGN.md §1.
+``package.module:function`` for a user's own loop: a plugin boundary, so users can point a run at
+their own module without changing rayq.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rayq.config import ConfigError, RunConfig
+from rayq.config import RunConfig
+from rayq.errors import TrainingError
+from rayq.schema import ConfigError
 from rayq.tasks import check_available, get_task
 
 log = logging.getLogger(__name__)
 
 #: Ray Train's controller polls workers every 2 s by default; each report waits for a poll.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
-
-
-class TrainingError(RuntimeError):
-    """A run failed on the workers; the message carries the first worker's error."""
 
 
 @dataclass
@@ -260,8 +259,6 @@ def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[s
     same Ray Train workers, one after another, each with its own run directory and summary. A run that
     diverges (NaN/Inf) gets a summary with an ``error`` and the others go on.
     """
-    from dataclasses import replace as _replace
-
     prepared = [prepare(c) for c in cfgs]
     first = prepared[0][0]
     for c, _ in prepared[1:]:
@@ -270,7 +267,7 @@ def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[s
                 raise ConfigError(f"train_many: every run must share {key}; got {getattr(first, key)!r} and "
                                   f"{getattr(c, key)!r}")
     init_ray(address)
-    sweep_cfg = _replace(first, trainer="trainers.sweep:train_loop", name=f"{first.name}-sweep")
+    sweep_cfg = replace(first, trainer="trainers.sweep:train_loop", name=f"{first.name}-sweep")
     sweep_dir = prepared[0][1].parent / str(sweep_cfg.name)
     trainer = make_trainer(sweep_cfg, sweep_dir, loop_config={
         "runs": [{"config": c.to_dict(), "run_dir": str(d)} for c, d in prepared]})
