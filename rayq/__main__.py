@@ -1,3 +1,3 @@
-from rayq.cli import main
+from rayq.launch.cli import main
 
 raise SystemExit(main())

@@ -6,7 +6,7 @@ import json
 import math
 
 import compressors
-from rayq.cli import main
+from rayq.launch.cli import main
 
 
 def test_bench_codecs_writes_json_and_markdown_with_sane_figures(tmp_path):

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayq import jobs
-from rayq.cli import main
+from rayq.launch import jobs
+from rayq.launch.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -276,7 +276,7 @@ def test_the_real_project_ships_small_and_complete(tmp_path):
     (tmp_path / "proj" / "runs" / "r").mkdir(parents=True)
     (tmp_path / "proj" / "runs" / "r" / "model.pt").write_bytes(b"0" * 1000)
     names = _package(tmp_path / "proj", spec.runtime_env["excludes"])
-    assert {"rayq/__main__.py", "rayq/jobs.py", "trainers/sync.py", "pyproject.toml"} <= names
+    assert {"rayq/__main__.py", "rayq/launch/jobs/client.py", "trainers/sync.py", "pyproject.toml"} <= names
     assert not [n for n in names if n.startswith(("runs/", ".venv/")) or n.endswith((".pt", ".pyc"))]
     assert (tmp_path / "proj.zip").stat().st_size < 5_000_000
 
@@ -335,7 +335,7 @@ def _check_rayq_command(argv: list[str]) -> None:
     from rayq.config import load_config
 
     spec = jobs.prepare(argv, output_dir=None)
-    ns = jobs._subcommands(jobs.command_parser())[argv[0]].parse_args(argv[1:])
+    ns = jobs.subcommands(jobs.command_parser())[argv[0]].parse_args(argv[1:])
     if argv[0] == "train":
         if ns.config:
             assert (REPO / ns.config).is_file(), ns.config
@@ -482,8 +482,8 @@ class TestOnARealHead:
         checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
         assert checkpoints and (checkpoints[-1] / "model.pt").is_file()
         # The job ran from the shipped copy of the project, which has no virtualenv or run outputs in it.
-        shipped = {p.resolve().parents[1] for p in head.temp_dir.glob(
-            "session_*/runtime_resources/working_dir_files/*/rayq/jobs.py")}
+        shipped = {p.resolve().parents[3] for p in head.temp_dir.glob(
+            "session_*/runtime_resources/working_dir_files/*/rayq/launch/jobs/client.py")}
         assert shipped
         for copy in shipped:
             assert (copy / "trainers" / "sync.py").is_file()

@@ -208,7 +208,7 @@ def test_six_volunteers_two_killed_one_back_one_straggling_5x_train_without_a_re
 @pytest.mark.slow
 @pytest.mark.ray
 def test_volunteer_40_from_the_cli_reports_utilisation_and_time_to_accuracy(ray_session, tmp_path, capsys):
-    from rayq.cli import main
+    from rayq.launch.cli import main
 
     code = main(["train", "-c", "clusters/volunteer-40.yaml", "--output-dir", str(tmp_path), "--name", "v40"])
     out = capsys.readouterr().out

@@ -13,6 +13,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def bench_codec(name: str, params: dict[str, Any], x: torch.Tensor, repeat: int)
     }
 
 
-def run_codecs(sizes: list[int], devices: list[str], codecs: list[str], repeat: int, data: list[str]) -> list[dict]:
+def run_codecs(sizes: list[int], devices: list[str], codecs: list[str], repeat: int, data: list[str],
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+    """Every codec on every (device, data, size); ``on_row`` sees each result as soon as it is measured."""
     rows = []
     cache: dict[tuple[str, int], torch.Tensor] = {}
     for kind in data:
@@ -123,10 +126,16 @@ def run_codecs(sizes: list[int], devices: list[str], codecs: list[str], repeat: 
                     row = bench_codec(name, {}, x, repeat)
                     row.update(device=device, data=kind)
                     rows.append(row)
-                    print(f"  {device:4} {kind:8} {n:>9,} {name:10} {row['bits_per_element']:7.3f} bits/elem  "
-                          f"enc {_rate(row['encode_elems_per_s']):>10}  dec {_rate(row['decode_elems_per_s']):>10}  "
-                          f"distortion {row['distortion']:.4g}", flush=True)
+                    if on_row is not None:
+                        on_row(row)
     return rows
+
+
+def codec_line(row: dict[str, Any]) -> str:
+    """One measured codec as a progress line."""
+    return (f"  {row['device']:4} {row['data']:8} {row['numel']:>9,} {row['codec']:10} "
+            f"{row['bits_per_element']:7.3f} bits/elem  enc {_rate(row['encode_elems_per_s']):>10}  "
+            f"dec {_rate(row['decode_elems_per_s']):>10}  distortion {row['distortion']:.4g}")
 
 
 def _rate(r: float | None) -> str:
@@ -168,7 +177,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     out = Path(args.out or f"bench_out/codecs-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"rayq bench codecs: sizes {sizes}, devices {devices}, {len(codecs)} codecs, data {data} -> {out}")
-    rows = run_codecs(sizes, devices, codecs, args.repeat, data)
+    rows = run_codecs(sizes, devices, codecs, args.repeat, data, on_row=lambda r: print(codec_line(r), flush=True))
     (out / "codecs.json").write_text(json.dumps({"environment": environment(), "results": rows}, indent=2))
     table = codecs_markdown(rows)
     (out / "codecs.md").write_text(table + "\n")
@@ -206,7 +215,7 @@ def curve(trace_path: Path, profile: str, workers: int, seed: int) -> dict[str, 
     times = replay(steps, prof.links, prof.speed_factors)
     cumulative, bits = 0, {}
     for s in steps:
-        cumulative += sum(sum(b) for _, _, b in s.wire) * 8
+        cumulative += sum(sum(w[2]) for w in s.wire) * 8  # w = [kind, rounds, bytes_up, ...]
         bits[s.step] = cumulative
     points = [(times[k], bits[k], k, acc) for k, acc in sorted(evals.items()) if k in times]
     return {"profile": profile, "points": points, "total_sim_s": times[steps[-1].step] if steps else 0.0}
@@ -221,7 +230,8 @@ def time_to_target(points: list, target: float) -> tuple[float | None, float | N
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from rayq.config import load_config
-    from rayq.launch import TrainingError, train, train_many
+    from rayq.errors import TrainingError
+    from rayq.launch.driver import train, train_many
 
     names = args.configs.split(",") if args.configs else list(E2E_CONFIGS)
     unknown = [n for n in names if n not in E2E_CONFIGS]

@@ -1,4 +1,4 @@
-"""``rayq``: the command line. Library code logs; this module is the only one that prints."""
+"""``rayq``: the command line. The launch layer is the only one that prints; the runtime logs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from rayq import __version__
 
 #: Modules that add their own subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES: list[str] = ["rayq.bench", "rayq.jobs", "rayq.tune"]
+COMMAND_MODULES: list[str] = ["rayq.launch.bench", "rayq.launch.jobs", "rayq.launch.tune"]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -35,10 +35,12 @@ def _extra(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rayq.config import ConfigError, load_config
-    from rayq.launch import TrainingError, train
+    from rayq.config import load_config
+    from rayq.errors import TrainingError
+    from rayq.launch.console import console_line, summary_table
+    from rayq.launch.driver import train
+    from rayq.schema import ConfigError
     from rayq.tasks import DataError
-    from rayq.telemetry import console_line, summary_table
 
     try:
         cfg = load_config(args.config, args.sets, extra=_extra(args))
@@ -69,7 +71,7 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     import dataclasses
 
     import compressors
-    from rayq.telemetry import table
+    from rayq.launch.console import table
 
     rows = []
     for name, cls in compressors.REGISTRY.items():
