@@ -1,4 +1,4 @@
-"""rayq.pareto on hand-made points: dominance, the front, the best point per objective, table and plot."""
+"""rayq.launch.tune.pareto on hand-made points: dominance, the front, the best point per objective, table and plot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rayq.pareto import Objective, best_index, dominates, format_table, pareto_front, plot_front
+from rayq.launch.tune.pareto import Objective, best_index, dominates, format_table, pareto_front, plot_front
 
 ACC = Objective("acc", "max", "accuracy")
 BITS = Objective("bits", "min", "bits", log=True)

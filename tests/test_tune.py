@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayq.tune import (ACCURACY, BITS, SIM_TIME, TUNE_BASE, SpaceError, actor_bundles, load_space,
-                       objective_metrics, run_sweep)
+from rayq.launch.tune import (ACCURACY, BITS, SIM_TIME, TUNE_BASE, SpaceError, actor_bundles, load_space,
+                              objective_metrics, run_sweep)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
@@ -180,7 +180,7 @@ def test_volunteer_trials_reserve_their_actors_in_the_trial_placement_group():
     raw = {e.name: e.dist.candidates()[0] for e in s.dims()}
     cfg, _ = s.config_from(raw)
     assert actor_bundles(cfg) == [{"CPU": 0.25}, {"CPU": 0.25}]
-    from rayq.tune import trial_resources
+    from rayq.launch.tune import trial_resources
 
     pgf = trial_resources(raw, s)
     assert pgf.bundles == [{"CPU": 0.01}, {"CPU": 0.25}, {"CPU": 0.25}]
