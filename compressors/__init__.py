@@ -1,4 +1,4 @@
-"""Codecs: pure PyTorch, no Ray, no torch.distributed; device-agnostic (DESIGN.md §2).
+"""Codecs: pure PyTorch, no Ray, no torch.distributed; device-agnostic.
 
 Every module of this package is imported here, so a codec registers itself just by living in one.
 """

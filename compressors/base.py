@@ -1,4 +1,4 @@
-"""The codec contract (DESIGN.md §2): what one flat tensor becomes on the wire, and back.
+"""The codec contract: what one flat tensor becomes on the wire, and back.
 
 A codec is a small frozen dataclass of parameters with ``encode(x, info) -> Packet`` and
 ``decode(packet, info) -> Tensor``. Its :class:`Kind` is the contract with the collective layer:
@@ -6,13 +6,18 @@ A codec is a small frozen dataclass of parameters with ``encode(x, info) -> Pack
 * ``LINEAR`` codecs' packet fields can be summed across workers before decoding, so they are
   reduced with all-reduce. The exchange may take several rounds (PowerSGD: P, then Q); a codec
   declares that by overriding :meth:`Codec.exchange`, a generator that yields a packet per round
-  and receives the field-wise *sum* over workers, never calling a collective itself.
+  and receives the field-wise *sum* over workers, never calling a collective itself
+  (:attr:`Codec.multi_round` says so).
 * ``GATHER`` codecs must be decoded before summing: all-gather of variable-size packets.
+
+Every codec carries the whole contract, so no caller needs to look inside one: per-instance
+properties (``unbiased``, ``multi_round``, ``carries_scale``), a stable ``spec`` string, and the
+state protocol (``state_dict`` / ``load_state_dict`` / ``reset`` / ``residual_norm``, empty for
+stateless codecs). After each exchange the collective calls :meth:`Codec.settle` with whether this
+worker's contribution was applied: stateful codecs (error feedback) commit their memory only then.
 
 Randomness is derived from ``info`` (a seed per worker, step and tensor; a shared seed per step and
 tensor), so runs are reproducible and resume bit-exactly without checkpointing generator state.
-State that must persist (error-feedback residuals, PowerSGD's warm-start Q) lives in codecs that
-implement :class:`Stateful`, keyed by tensor name.
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ class TensorInfo:
     world: int = 1
     step: int = 0
     seed: int = 0
+    #: This worker's weight in the exchange (0: its contribution is not used, e.g. it left or is late).
+    weight: float = 1.0
+    #: The sum of every worker's weight (None: ``world``); a linear codec's sums are divided by it.
+    weight_sum: float | None = None
+
+    @property
+    def total_weight(self) -> float:
+        return float(self.world) if self.weight_sum is None else float(self.weight_sum)
 
     @property
     def numel(self) -> int:
@@ -87,7 +100,7 @@ def hash_name(name: str) -> int:
 
 @runtime_checkable
 class Stateful(Protocol):
-    """A codec with per-worker state that a checkpoint must carry (DESIGN.md: stateful methods)."""
+    """Per-worker state that a checkpoint must carry (error-feedback memory, PowerSGD's warm start)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -105,9 +118,67 @@ class Codec:
     name: ClassVar[str]
     kind: ClassVar[Kind]
     summary: ClassVar[str] = ""
-    unbiased: ClassVar[bool] = False
+    #: Where the method comes from (authors, venue, year), for ``rayq codecs``.
+    source: ClassVar[str] = ""
     #: True when the codec already compensates its own error (PowerSGD): EF is not stacked on it.
     builtin_error_feedback: ClassVar[bool] = False
+
+    # -- properties of this instance (they may depend on the parameters) ----------------------------
+    @property
+    def unbiased(self) -> bool:
+        """E[decode(encode(x))] = x for every x."""
+        return False
+
+    @property
+    def carries_scale(self) -> bool:
+        """The decoded value approximates the input's magnitude (false for a bare sign vote, whose scale is
+        the learning rate): needed to average model deltas and for error feedback."""
+        return True
+
+    @property
+    def multi_round(self) -> bool:
+        """The exchange takes several all-reduce rounds, each needing the sum over all workers."""
+        return type(self).exchange is not Codec.exchange
+
+    @property
+    def averages(self) -> bool:
+        """The server rule is the weighted mean of the decoded contributions (not e.g. a majority vote)."""
+        return type(self).aggregate is Codec.aggregate
+
+    @property
+    def stateful(self) -> bool:
+        """The codec keeps per-worker state that checkpoints carry and a rejoin resets."""
+        return False
+
+    @property
+    def spec(self) -> str:
+        """A stable name for this codec and its parameters: ``qsgd(levels=7,bucket=512)``."""
+        params = ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.params())
+        return f"{self.name}({params})"
+
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The floating dtype the codec wants its input in: float32 unless it keeps the tensor's own."""
+        return torch.float32
+
+    # -- state (empty for stateless codecs) ------------------------------------------------------------
+    def settle(self, info: TensorInfo, applied: bool) -> None:
+        """After the exchange: whether this worker's last contribution for ``info.name`` was applied.
+
+        Called only for contributions the worker offered (weight > 0). Stateful codecs commit their
+        memory here, so a lost or dropped contribution is carried, never silently consumed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Forget all state (a worker joined or rejoined: a stale memory must not meet a newer model)."""
+
+    def residual_norm(self) -> float:
+        """‖memory‖ over all tensors (0 without one): the figure TensorBoard shows as the EF residual."""
+        return 0.0
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         raise NotImplementedError
@@ -127,7 +198,7 @@ class Codec:
         return self.decode(reduced, info)
 
     def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        """Combine the decoded contributions of all workers (gather kind): the weighted mean.
+        """Combine the decoded contributions of the workers that took part: the weighted mean.
         Codecs with another server rule (signSGD's majority vote) override this."""
         total = float(sum(weights))
         out = decoded[0] * (weights[0] / total)
@@ -202,9 +273,9 @@ def _coerce(codec: str, field: dataclasses.Field, value: Any) -> Any:
 
 
 def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
-    """Build a codec by config name, validating every parameter before anything runs."""
-    import compressors  # noqa: F401  (registers the built-in codecs)
+    """Build a codec by config name, validating every parameter before anything runs.
 
+    The registry is complete once ``compressors`` is imported, which Python does before any submodule."""
     if name not in REGISTRY:
         raise CodecError(f"compression.codec={name!r} is not a codec; choose one of: {', '.join(REGISTRY)}")
     cls = REGISTRY[name]

@@ -30,9 +30,24 @@ class NoCompression(_Cast):
     """fp32 as is: the dense all-reduce baseline (32 bits per element)."""
 
     name: ClassVar[str] = "none"
-    summary: ClassVar[str] = "fp32, uncompressed (32 bits/element)"
-    unbiased: ClassVar[bool] = True
+    summary: ClassVar[str] = "the tensor in its own dtype (fp32: 32 bits/element), uncompressed"
     dtype: ClassVar[torch.dtype] = torch.float32
+
+    @property
+    def unbiased(self) -> bool:
+        return True
+
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Lossless means bit-exact in the tensor's own dtype: float64 stays float64."""
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
+        flat = x.reshape(-1)
+        return Packet(self.name, flat.numel(), (flat if flat.is_floating_point() else flat.to(torch.float32),))
+
+    def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
+        (values,) = self.check(packet, info, 1)
+        return values.reshape(-1)
 
 
 @register
@@ -42,6 +57,7 @@ class Float16(_Cast):
 
     name: ClassVar[str] = "fp16"
     summary: ClassVar[str] = "IEEE fp16 cast (16 bits/element)"
+    source: ClassVar[str] = "as PyTorch DDP's fp16_compress_hook"
     dtype: ClassVar[torch.dtype] = torch.float16
 
 

@@ -1,4 +1,4 @@
-"""Entropy-constrained scalar quantiser (ECSQ) of N(0,1) at a target rate (ALGORITHMS.md §3.2).
+"""Entropy-constrained scalar quantiser (ECSQ) of N(0,1) at a target rate (Hamidi & Bereyhi, ICASSP 2025: RC-FED's offline design).
 
 Lagrangian design (Chou, Lookabaugh, Gray 1989): for a multiplier λ minimise ``J = D + λ·H`` with
 ideal lengths ``ℓ_i = −log2 p_i`` by alternating

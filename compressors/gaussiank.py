@@ -1,11 +1,11 @@
-"""Gaussian_k: approximate top-k by a normal-tail threshold (Shi et al. 2019; ALGORITHMS.md §6.2).
+"""Gaussian_k: approximate top-k by a normal-tail threshold (Shi, Chu, Cheung, See, 2019).
 
     μ, σ = mean(u), std(u);  thr = μ + σ·Φ⁻¹(1 − ρ/2)
     up to ``loops`` times: n = #{|u_i| > thr};  n < 2k/3 → thr·0.5;  n > 4k/3 → thr·1.5;  else stop
     send { (i, u_i) : |u_i| > thr }
 
 O(d) with no sort. The count is *not* exactly k: heavy tails overshoot (Laplace, ρ = 0.01: ≈1.65k
-after 3 loops, §6.3), so with ``trim`` a final exact top-k cuts a count above 4k/3 back to k.
+after 3 loops), so with ``trim`` a final exact top-k cuts a count above 4k/3 back to k.
 The refinement runs as fixed-shape tensor code (an in-range threshold is a fixed point of the
 update), so only the final selection reads a count back to the host. Biased: use error feedback.
 
@@ -31,8 +31,8 @@ from compressors.sparse_index import check_density, densify, density_count, spar
 class GaussianK(Codec):
     name: ClassVar[str] = "gaussiank"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "normal-tail threshold ≈ top-k without a sort; use with error feedback (§6.2)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "normal-tail threshold ≈ top-k without a sort; use with error feedback"
+    source: ClassVar[str] = "Shi, Chu, Cheung, See: GaussianK-SGD, arXiv 1911.08772, 2019"
 
     density: float = 0.01
     loops: int = 3

@@ -1,9 +1,9 @@
-"""Information-theory primitives shared by the entropy-coded codecs (ALGORITHMS.md §1).
+"""Information-theory primitives shared by the entropy-coded codecs (Cover & Thomas, Elements of Information Theory; Gish & Pierce 1968).
 
 Gaussian rate–distortion ``R(D) = max(0, ½·log2(σ²/D))`` and the high-rate gap of entropy-coded
-scalar quantisation ``½·log2(πe/6)`` (§1.1); exact cell moments of N(0,1), a :class:`ScalarQuantizer`
+scalar quantisation ``½·log2(πe/6)``; exact cell moments of N(0,1), a :class:`ScalarQuantizer`
 value (thresholds, levels, cell probabilities) with its distortion and output entropy; Lloyd–Max
-(fixed-rate MSE-optimal) design; Huffman code lengths (§1.3) and entropy.
+(fixed-rate MSE-optimal) design; Huffman code lengths and entropy.
 
 All design maths runs in numpy float64 on the CPU: designs are small (at most a few thousand cells),
 made once and cached by their users; quantising data happens in torch on the data's device.
@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-#: ½·log2(πe/6): bits above R(D) paid by an entropy-coded uniform quantiser at high rate (§1.1).
+#: ½·log2(πe/6): bits above R(D) paid by an entropy-coded uniform quantiser at high rate (Gish & Pierce 1968).
 HIGH_RATE_GAP = 0.5 * math.log2(math.pi * math.e / 6)
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
@@ -29,14 +29,14 @@ Array = np.ndarray
 
 
 def gaussian_rate(distortion: float, variance: float = 1.0) -> float:
-    """R(D) = max(0, ½·log2(σ²/D)) bits per sample for N(0, σ²) under MSE (§1.1)."""
+    """R(D) = max(0, ½·log2(σ²/D)) bits per sample for N(0, σ²) under MSE."""
     if distortion <= 0:
         raise ValueError(f"distortion={distortion} must be > 0")
     return max(0.0, 0.5 * math.log2(variance / distortion))
 
 
 def gaussian_distortion(rate: float, variance: float = 1.0) -> float:
-    """D(R) = σ²·2^(−2R), the inverse of :func:`gaussian_rate` (§1.1)."""
+    """D(R) = σ²·2^(−2R), the inverse of :func:`gaussian_rate` ."""
     if rate < 0:
         raise ValueError(f"rate={rate} must be >= 0")
     return variance * 2.0 ** (-2.0 * rate)
@@ -80,7 +80,7 @@ def _as_array(p: Array | torch.Tensor | list[float]) -> Array:
 
 
 def huffman_lengths(p: Array | torch.Tensor | list[float]) -> list[int]:
-    """Code lengths of a binary Huffman code for ``p`` (two-smallest merge, §1.3).
+    """Code lengths of a binary Huffman code for ``p`` (two-smallest merge).
 
     Ties are broken by insertion order, so the lengths are deterministic. A single symbol gets a
     1-bit code (a prefix code needs at least one bit to be decodable symbol by symbol).
@@ -144,7 +144,7 @@ class ScalarQuantizer:
 
     @property
     def distortion(self) -> float:
-        """E(Z − q_I)² for Z ~ N(0,1), from the closed-form cell moments (§3.2)."""
+        """E(Z − q_I)² for Z ~ N(0,1), from the closed-form cell moments."""
         lower, upper = cell_bounds(self.thresholds)
         m1 = normal_pdf(lower) - normal_pdf(upper)
         m2 = self.probs + _times_pdf(lower) - _times_pdf(upper)
@@ -186,7 +186,7 @@ def _times_pdf(x: Array) -> Array:
 
 @lru_cache(maxsize=None)
 def lloyd_max(bits: int, tol: float = 1e-13, max_iter: int = 100_000) -> ScalarQuantizer:
-    """Fixed-rate MSE-optimal quantiser of N(0,1) with 2**bits levels (Lloyd–Max, §1.1).
+    """Fixed-rate MSE-optimal quantiser of N(0,1) with 2**bits levels (Lloyd 1982; Max 1960).
 
     Alternates nearest-neighbour thresholds ``t_i = (q_i + q_{i+1})/2`` and centroid levels from a
     symmetric uniform start until the levels move less than ``tol``.

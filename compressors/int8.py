@@ -1,5 +1,6 @@
 """Blockwise integer quantization with absmax scales: int8 by default (as in 8-bit optimizers and
-DeDLOC's 8-bit exchange, §8.4), any width 2..8 bits for mixed precision per layer (§9.5).
+DeDLOC's 8-bit exchange, Diskin et al., NeurIPS 2021), any width 2..8 bits for mixed precision per layer
+(Ovi, Dey, Roy, Gangopadhyay, arXiv 2210.13457).
 
 Symmetric (default), per block of B elements: Δ = max|x|/(2^(b−1)−1), q = round(x/Δ), x̂ = Δ·q.
 Affine: Δ = (max−min)/(2^b−1), q = round((x−min)/Δ) ∈ [0, 2^b−1], x̂ = min + Δ·q (min sent as fp32).
@@ -29,13 +30,16 @@ class Int8(Codec):
     name: ClassVar[str] = "int8"
     kind: ClassVar[Kind] = Kind.GATHER
     summary: ClassVar[str] = "blockwise int8, fp32 absmax scale per block (8 + 32/block bits/element)"
-    #: With the default round-to-nearest; ``rounding="stochastic"`` makes it unbiased.
-    unbiased: ClassVar[bool] = False
+    source: ClassVar[str] = "8-bit exchange as in DeDLOC (Diskin et al., NeurIPS 2021); 2-8 bits for mixed precision (Ovi et al., 2022)"
 
     block: int = 256
     rounding: Literal["nearest", "stochastic"] = "nearest"
     bits: int = 8
     mode: Literal["symmetric", "affine"] = "symmetric"
+
+    @property
+    def unbiased(self) -> bool:
+        return self.rounding == "stochastic"
 
     def __post_init__(self) -> None:
         if self.block < 1:

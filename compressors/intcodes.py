@@ -1,4 +1,4 @@
-"""Elias γ and δ codes for streams of positive integers (ALGORITHMS.md §1.2; Elias 1975).
+"""Elias γ and δ codes for streams of positive integers (Elias, IEEE Trans. Inf. Theory, 1975).
 
 γ(n) = ⌊log2 n⌋ zeros, then n in binary (MSB first): 2⌊log2 n⌋ + 1 bits.
 δ(n) = γ(⌊log2 n⌋ + 1), then the ⌊log2 n⌋ bits of n below its leading one:

@@ -1,4 +1,4 @@
-"""LAQ's quantizer of the gradient innovation (Sun et al., NeurIPS 2019; ALGORITHMS.md §4.1).
+"""LAQ's quantizer of the gradient innovation (Sun, Chen, Giannakis, Yang, NeurIPS 2019).
 
 Given the innovation v = ∇f(θ^k) − Q(θ̂) (current gradient minus the last uploaded quantized one):
 
@@ -25,7 +25,8 @@ from compressors.packet import Packet
 class LAQQuantizer(Codec):
     name: ClassVar[str] = "laq"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "b-bit innovation quantizer of LAQ, radius ‖v‖∞ (§4.1; sync.schedule=laq)"
+    summary: ClassVar[str] = "b-bit innovation quantizer of LAQ, radius ‖v‖∞ (for sync.schedule=laq)"
+    source: ClassVar[str] = "Sun, Chen, Giannakis, Yang: LAQ, NeurIPS 2019"
 
     bits: int = 4
 

@@ -1,6 +1,6 @@
 """The wire form of one compressed tensor: a versioned header, typed fields, a CRC-32.
 
-Every bit rayq reports comes from ``len(packet.to_bytes())`` (DESIGN.md §2): header, side
+Every bit rayq reports comes from ``len(packet.to_bytes())``: header, side
 information (norms, scales, lengths) and payload included. A truncated or corrupted buffer raises
 :class:`PacketError`; it never decodes to garbage.
 

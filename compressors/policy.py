@@ -1,20 +1,32 @@
-"""Which codec each parameter goes through (DESIGN.md §2: policy).
+"""Which codec each parameter goes through.
 
-One default codec, per-name overrides by glob pattern (first match wins; mixed precision per layer,
-ALGORITHMS.md §9.5), tensors under ``min_numel`` elements sent dense, and those small tensors bucketed
-into a single packet so they cost one header, not one each.
+One default codec, per-name overrides by glob pattern (first match wins; mixed precision per layer as
+in Ovi, Dey, Roy, Gangopadhyay, arXiv 2210.13457), tensors under ``min_numel`` elements sent dense,
+and those small tensors bucketed into one packet per dtype so they cost one header, not one each.
+
+Each distinct codec (name, parameters, error feedback) is one instance whose state is keyed by
+tensor name; the policy's state is keyed by the codec's :attr:`~compressors.base.Codec.spec`, so
+a checkpoint stays loadable when an override is added or removed. The two-phase reduce's shard
+owners re-encode with codecs of their own (:meth:`Policy.owner_codec`): a separate memory.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from compressors.base import Codec, make_codec
 from compressors.error_feedback import ErrorFeedback
 
+log = logging.getLogger(__name__)
+
 SMALL_BUCKET = "__small__"
+#: Key prefix of the shard owners' codecs (two-phase reduce) in :meth:`Policy.state_dict`.
+OWNER = "owner:"
 
 
 @dataclass(frozen=True)
@@ -26,13 +38,14 @@ class Override:
 
 @dataclass(frozen=True)
 class Entry:
-    """One unit of exchange: a parameter, or the bucket of small ones, and the codec it goes through."""
+    """One unit of exchange: a parameter, or a bucket of small ones, and the codec it goes through."""
 
     key: str
     members: tuple[str, ...]
     numels: tuple[int, ...]
     shape: tuple[int, ...]
     codec: Codec
+    dtype: torch.dtype = torch.float32
 
     @property
     def numel(self) -> int:
@@ -47,20 +60,22 @@ class Policy:
         self.min_numel = min_numel
         self.bucket_small = bucket_small
         self.overrides = list(overrides or [])
-        self._codecs: dict[tuple, Codec] = {}
+        self._codecs: dict[str, Codec] = {}
+        self._recipes: dict[int, tuple[str, dict[str, Any], bool]] = {}
         self.default = self._codec(codec, params or {})
         self.small = self._codec(small_codec, {}, wrap=False)
         for o in self.overrides:  # validate every override up front
             self._codec(o.codec, o.params)
 
-    def _codec(self, name: str, params: dict[str, Any], wrap: bool = True) -> Codec:
-        """One codec instance per (name, params): stateful wrappers keep state keyed by tensor name."""
-        key = (name, tuple(sorted(params.items())), wrap and self.error_feedback)
+    def _codec(self, name: str, params: dict[str, Any], wrap: bool = True, prefix: str = "") -> Codec:
+        """One instance per (name, params, error feedback): stateful codecs keep state keyed by tensor name."""
+        codec = make_codec(name, params)
+        if wrap and self.error_feedback and not codec.builtin_error_feedback:
+            codec = ErrorFeedback(codec)
+        key = prefix + codec.spec
         if key not in self._codecs:
-            codec = make_codec(name, params)
-            if key[2] and not codec.builtin_error_feedback:
-                codec = ErrorFeedback(codec)
             self._codecs[key] = codec
+            self._recipes[id(codec)] = (name, dict(params), wrap)
         return self._codecs[key]
 
     def codec_for(self, name: str) -> Codec:
@@ -69,38 +84,61 @@ class Policy:
                 return self._codec(o.codec, o.params)
         return self.default
 
-    def plan(self, shapes: dict[str, tuple[int, ...]]) -> list[Entry]:
-        """Entries in a fixed order (parameter order), identical on every worker."""
-        entries, small = [], []
+    def owner_codec(self, codec: Codec) -> Codec:
+        """The codec a two-phase shard owner re-encodes with: same method, its own memory."""
+        name, params, wrap = self._recipes[id(codec)]
+        return self._codec(name, params, wrap=wrap, prefix=OWNER)
+
+    def plan(self, shapes: dict[str, tuple[int, ...]],
+             dtypes: dict[str, torch.dtype] | None = None) -> list[Entry]:
+        """Entries in a fixed order (parameter order, then the small buckets), identical on every worker."""
+        dtypes = dtypes or {}
+        entries: list[Entry] = []
+        small: dict[torch.dtype, list[tuple[str, int]]] = {}
         for name, shape in shapes.items():
             numel = 1
             for s in shape:
                 numel *= s
+            dtype = dtypes.get(name, torch.float32)
             if numel < self.min_numel and not any(fnmatch.fnmatchcase(name, o.pattern) for o in self.overrides):
-                small.append((name, numel))
+                small.setdefault(dtype, []).append((name, numel))
                 continue
-            entries.append(Entry(name, (name,), (numel,), tuple(shape), self.codec_for(name)))
-        if small and self.bucket_small:
-            total = sum(n for _, n in small)
-            entries.append(Entry(SMALL_BUCKET, tuple(n for n, _ in small), tuple(k for _, k in small),
-                                 (total,), self.small))
-        else:
-            entries += [Entry(n, (n,), (k,), (k,), self.small) for n, k in small]
+            codec = self.codec_for(name)
+            entries.append(Entry(name, (name,), (numel,), tuple(shape), codec, codec.wire_dtype(dtype)))
+        for dtype, members in small.items():
+            wire = self.small.wire_dtype(dtype)
+            if self.bucket_small:
+                key = SMALL_BUCKET if dtype == torch.float32 else f"{SMALL_BUCKET}{str(dtype).removeprefix('torch.')}"
+                total = sum(n for _, n in members)
+                entries.append(Entry(key, tuple(n for n, _ in members), tuple(k for _, k in members), (total,),
+                                     self.small, wire))
+            else:
+                entries += [Entry(n, (n,), (k,), (k,), self.small, wire) for n, k in members]
         return entries
 
+    # -- state -------------------------------------------------------------------------------------------
     def stateful_codecs(self) -> dict[str, Codec]:
-        return {f"{k[0]}:{i}": c for i, (k, c) in enumerate(self._codecs.items()) if hasattr(c, "state_dict")}
+        """``{codec spec: codec}`` for every codec with state (error feedback, PowerSGD, owners')."""
+        return {k: c for k, c in self._codecs.items() if c.stateful}
+
+    def residual_norm(self) -> float:
+        """‖every memory‖ of this worker's codecs (the owners' excluded): the EF residual figure."""
+        return sum(c.residual_norm() for k, c in self.stateful_codecs().items() if not k.startswith(OWNER))
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: c.state_dict() for k, c in self.stateful_codecs().items()}  # type: ignore[attr-defined]
+        return {k: c.state_dict() for k, c in self.stateful_codecs().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in state:  # shard owners' codecs are made on first use: make them now to take their memory
+            if k.startswith(OWNER) and k not in self._codecs and k.removeprefix(OWNER) in self._codecs:
+                self.owner_codec(self._codecs[k.removeprefix(OWNER)])
         codecs = self.stateful_codecs()
         for k, s in state.items():
-            if k not in codecs:
-                raise KeyError(f"checkpoint holds codec state {k!r}, this run's policy has {sorted(codecs)}")
-            codecs[k].load_state_dict(s)  # type: ignore[attr-defined]
+            if k in codecs:
+                codecs[k].load_state_dict(s)
+            else:
+                log.warning("checkpoint holds state for codec %s, which this run's policy does not use: dropped", k)
 
     def reset(self) -> None:
-        for c in self.stateful_codecs().values():
-            c.reset()  # type: ignore[attr-defined]
+        for c in self._codecs.values():
+            c.reset()

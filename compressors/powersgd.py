@@ -1,14 +1,19 @@
-"""PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019; ALGORITHMS.md §2.5): rank-r power iteration.
+"""PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): rank-r power iteration.
 
 Per tensor viewed as a matrix n × m (n = shape[0], m = the rest), on worker w with memory E_w:
 
-    M_w = x_w + E_w ;  P_w = M_w Q            round 1: P = Σ_w P_w      (n·r floats)
+    M_w = x_w + E_w ;  P_w = M_w Q            round 1: P = Σ_w a_w P_w      (n·r floats)
     P̂ = orthonormal columns of P (QR, fp32)
-    Q_w = M_wᵀ P̂                              round 2: S = Σ_w Q_w      (m·r floats)
-    Q ← S / W  (warm start of the next step) ;  return P̂ Sᵀ = W · P̂ P̂ᵀ mean_w(M_w)   (the sum)
-    E_w ← M_w − P̂ Qᵀ
+    Q_w = M_wᵀ P̂                              round 2: S = Σ_w a_w Q_w      (m·r floats)
+    Q ← S / A  (warm start of the next step) ;  return P̂ Sᵀ = A · P̂ P̂ᵀ mean_a(M_w)   (the sum)
+    E_w ← M_w − P̂ Qᵀ                          (only if a_w > 0)
 
-The memory is the residual against the *aggregated* approximation, as in the reference code
+with ``a_w`` the worker's weight (1 normally; 0 for a worker that left or is late: the collective
+scales its fields) and ``A = Σ_w a_w``. The memory is the residual against the *aggregated*
+approximation, so E_w + P̂Qᵀ = M_w holds exactly for every contributing worker; a worker whose
+contribution was not used keeps its memory (it offered nothing this step).
+
+As in the reference code
 (``paper-code/gradient_reducers.py::RankKReducer``), so E_w + P̂Qᵀ = M_w holds exactly. The
 rounds see only Σ_w M_w, so the aggregate is the same as with the local residual (I − P̂P̂ᵀ)M_w
 (equal Σ_w E_w); but E_w here also carries M_w − mean(M), which sums to zero over workers and
@@ -18,7 +23,7 @@ is N(0, 1) from the generator shared by all workers, so every worker starts from
 
 Tensors that are 1-D, or whose matrix would compress by less than ``min_compression_rate``
 (n·m / (r(n + m))), and every tensor before step ``start_iter``, go as one dense fp32 round.
-State (Q and E per tensor name) is per worker. A worker whose state was reset (rejoin, §16) starts
+State (Q and E per tensor name) is per worker. A worker whose state was reset (rejoin) starts
 from the shared initial Q while the others keep theirs; that step is still the projection of the
 mean onto one span(P̂) shared by all, and since the next Q is an average every worker holds the same
 Q again after it.
@@ -39,20 +44,43 @@ from compressors.packet import Packet, PacketError
 Q_PURPOSE = 0x50535144
 
 
+@dataclass
+class PowerSGDMemory:
+    """One worker's PowerSGD state per tensor name: the warm-start Q (shared by all workers after each
+    step) and the error-feedback memory E. Checkpointed; cleared when the worker (re)joins."""
+
+    q: dict[str, torch.Tensor] = field(default_factory=dict)
+    e: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": {k: v.detach().cpu().clone() for k, v in self.q.items()},
+                "e": {k: v.detach().cpu().clone() for k, v in self.e.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q = {k: v.clone() for k, v in state.get("q", {}).items()}
+        self.e = {k: v.clone() for k, v in state.get("e", {}).items()}
+
+    def reset(self) -> None:
+        self.q.clear()
+        self.e.clear()
+
+    def residual_norm(self) -> float:
+        return math.sqrt(sum(float((e.double() ** 2).sum()) for e in self.e.values()))
+
+
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PowerSGD(Codec):
     name: ClassVar[str] = "powersgd"
     kind: ClassVar[Kind] = Kind.LINEAR
-    summary: ClassVar[str] = "rank-r power iteration, two all-reduces, warm start, built-in EF (§2.5)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "rank-r power iteration, two all-reduces, warm start, built-in EF"
+    source: ClassVar[str] = "Vogels, Karimireddy, Jaggi: PowerSGD, NeurIPS 2019"
     builtin_error_feedback: ClassVar[bool] = True
 
     rank: int = 2
     min_compression_rate: float = 2.0
     start_iter: int = 0
-    _q: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _e: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    memory: PowerSGDMemory = field(default_factory=PowerSGDMemory, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -83,7 +111,7 @@ class PowerSGD(Codec):
         return torch.randn(m, r, generator=g, device=device, dtype=torch.float32)
 
     def _warm_q(self, info: TensorInfo, m: int, r: int, device: torch.device) -> torch.Tensor:
-        q = self._q.get(info.name)
+        q = self.memory.q.get(info.name)
         if q is None or q.shape != (m, r):
             return self.initial_q(info, m, r, device)
         return q.to(device)
@@ -96,7 +124,7 @@ class PowerSGD(Codec):
             return self._dense(reduced, info)
         n, m, r = self.matrix_shape(info)  # type: ignore[misc]
         mat = flat.view(n, m)
-        e = self._e.get(info.name)
+        e = self.memory.e.get(info.name)
         if e is not None and e.shape == mat.shape:
             mat = mat + e.to(mat.device)
         q = self._warm_q(info, m, r, mat.device)
@@ -104,9 +132,10 @@ class PowerSGD(Codec):
         p_hat = orthonormalize(self._field(p_sum, info, (n, r)))
         q_sum = yield Packet(self.name, flat.numel(), (mat.t() @ p_hat,))
         q_sum = self._field(q_sum, info, (m, r))
-        q_mean = q_sum / info.world
-        self._q[info.name] = q_mean
-        self._e[info.name] = mat - p_hat @ q_mean.t()
+        q_mean = q_sum / info.total_weight if info.total_weight > 0 else q_sum
+        self.memory.q[info.name] = q_mean
+        if info.weight > 0:
+            self.memory.e[info.name] = mat - p_hat @ q_mean.t()
         return (p_hat @ q_sum.t()).reshape(-1)
 
     def _dense(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
@@ -143,26 +172,25 @@ class PowerSGD(Codec):
                               f"{(n, r)}, {(m, r)} expected for {info.name!r}")
         return (p_hat.to(torch.float32) @ q.to(torch.float32).t()).reshape(-1)
 
-    # -- Stateful ---------------------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def stateful(self) -> bool:
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"q": {k: v.detach().cpu().clone() for k, v in self._q.items()},
-                "e": {k: v.detach().cpu().clone() for k, v in self._e.items()}}
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._q.clear()
-        self._e.clear()
-        self._q.update({k: v.clone() for k, v in state.get("q", {}).items()})
-        self._e.update({k: v.clone() for k, v in state.get("e", {}).items()})
+        self.memory.load_state_dict(state)
 
     def reset(self) -> None:
-        self._q.clear()
-        self._e.clear()
+        self.memory.reset()
 
     def residual_norm(self) -> float:
-        """‖E‖ over all tensors, the diagnostic ErrorFeedback.residual_norm also reports."""
-        return math.sqrt(sum(float((e.double() ** 2).sum()) for e in self._e.values()))
+        """‖E‖ over all tensors, the figure error feedback also reports."""
+        return self.memory.residual_norm()
 
 
 def orthonormalize(p: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning ``p`` (n × r, n ≥ r), by a reduced QR in fp32 (§2.5 pitfall)."""
+    """Orthonormal columns spanning ``p`` (n × r, n ≥ r), by a reduced QR in fp32 (lower precision loses orthogonality)."""
     return torch.linalg.qr(p.to(torch.float32), mode="reduced").Q

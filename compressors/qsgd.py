@@ -1,10 +1,10 @@
-"""QSGD (Alistarh et al., NeurIPS 2017; ALGORITHMS.md §2.1): stochastic rounding to s levels per bucket.
+"""QSGD (Alistarh, Grubic, Li, Tomioka, Vojnović, NeurIPS 2017): stochastic rounding to s levels per bucket.
 
 Per bucket of B coordinates with scale n = ‖v‖₂ (or ‖v‖∞): r = s|v|/n, level = ⌊r⌋ + Bernoulli(r−⌊r⌋),
 Q(v) = n·sgn(v)·level/s. Unbiased; E‖Q(v)−v‖² = (n/s)²·Σp(1−p) ≤ min(d/s², √d/s)‖v‖² (Lemma 3.1).
 
 Wire, ``coding="fixed"``: one fp32 scale per bucket + per coordinate a sign bit and a ⌈log2(s+1)⌉-bit
-level, packed. ``coding="elias"`` (the paper's Theorem 3.2 scheme, §1.2): the same scales, then only
+level, packed. ``coding="elias"`` (the paper's Theorem 3.2 scheme): the same scales, then only
 the nonzero coordinates: the gaps between their positions and their levels as Elias-coded integer
 streams (γ or δ, whichever is shorter for the packet, :mod:`compressors.intcodes`) and one sign bit
 each. Both codings decode to identical tensors. Gather kind: levels from different workers do not
@@ -30,13 +30,17 @@ from compressors.packet import Packet, PacketError
 class QSGD(Codec):
     name: ClassVar[str] = "qsgd"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "stochastic s-level quantizer per bucket, unbiased (§2.1)"
-    unbiased: ClassVar[bool] = True
+    summary: ClassVar[str] = "stochastic s-level quantizer per bucket, unbiased"
+    source: ClassVar[str] = "Alistarh, Grubic, Li, Tomioka, Vojnović: QSGD, NeurIPS 2017"
 
     levels: int = 7
     bucket: int = 512
     norm: Literal["l2", "max"] = "l2"
     coding: Literal["fixed", "elias"] = "fixed"
+
+    @property
+    def unbiased(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         if not 1 <= self.levels <= 2**15:

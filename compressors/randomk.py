@@ -1,4 +1,5 @@
-"""Random-k sparsification with a shared index set: a linear codec (DESIGN.md §2, ALGORITHMS.md §6.3).
+"""Random-k sparsification with a shared index set: a linear codec
+(Stich, Cordonnier, Jaggi, NeurIPS 2018; Wangni, Wang, Liu, Zhang, NeurIPS 2018).
 
 Every worker draws the same k = max(1, ⌊ρ·d⌋) coordinates from the generator shared by all workers
 for this step and tensor (``info.generator(device, shared=True)``), so only the k values travel and
@@ -36,11 +37,15 @@ class RandomK(Codec):
     name: ClassVar[str] = "randomk"
     kind: ClassVar[Kind] = Kind.LINEAR
     summary: ClassVar[str] = "k shared-seed random coordinates, values only; unbiased when rescaled"
-    unbiased: ClassVar[bool] = True  # with rescale=True (the default)
+    source: ClassVar[str] = "Stich, Cordonnier, Jaggi, NeurIPS 2018; Wangni et al., NeurIPS 2018"
 
     density: float = 0.1
     rescale: bool = True
     sampling: Literal["stratified", "uniform"] = "stratified"
+
+    @property
+    def unbiased(self) -> bool:
+        return self.rescale
 
     def __post_init__(self) -> None:
         check_density(self.density)

@@ -1,9 +1,9 @@
-"""RC-FED (Hamidi & Bereyhi, ICASSP 2025; ALGORITHMS.md §3): rate-constrained ECSQ + entropy coding.
+"""RC-FED (Hamidi & Bereyhi, ICASSP 2025, arXiv 2409.06319): rate-constrained ECSQ + entropy coding.
 
 Per tensor: ``z = (u − μ)/σ``; ``i_j = bucketize(z_j, t)`` with the ECSQ of N(0,1) designed at a
-rate (§3.2, :mod:`compressors.ecsq`); the indices are ANS-coded (``constriction``) with the static
+rate (:mod:`compressors.ecsq`); the indices are ANS-coded (``constriction``) with the static
 categorical model of the design probabilities, so no code table is sent. The receiver rebuilds the
-same design from its rate and returns ``û_j = μ + σ·q_{i_j}``. Deterministic and biased (§3.3);
+same design from its rate and returns ``û_j = μ + σ·q_{i_j}``. Deterministic and biased;
 values beyond the outermost thresholds are clipped to the outermost levels by construction.
 
 Rate matching: ``rate`` constrains the *coded* length of the index stream, in bits per coordinate.
@@ -78,8 +78,8 @@ def _design(rate: float, code: int) -> _Design:
 class RCFed(Codec):
     name: ClassVar[str] = "rcfed"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "normalised ECSQ at a target coded rate + ANS entropy coding, biased (§3)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "normalised ECSQ at a target coded rate + ANS entropy coding, biased"
+    source: ClassVar[str] = "Hamidi & Bereyhi: RC-FED, ICASSP 2025"
 
     rate: float = 2.0
     adapt: bool = True

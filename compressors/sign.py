@@ -1,6 +1,7 @@
-"""Sign codecs: signSGD with majority vote (§2.3) and the scaled sign of EF-SignSGD (§2.4).
+"""Sign codecs: signSGD with majority vote (Bernstein et al., ICML 2018 / ICLR 2019) and the
+scaled sign of EF-SignSGD (Karimireddy, Rebjock, Stich, Jaggi, ICML 2019).
 
-Both send one bit per nonzero coordinate (1 = negative). Exact zeros keep sgn(0) = 0 (§0.2): their
+Both send one bit per nonzero coordinate (1 = negative). Exact zeros keep sgn(0) = 0: their
 positions go in an index code (:mod:`compressors.sparse_index`, empty when there are none, a bitmap
 when most are zero), and their sign bits are left out. A dense gradient thus costs d bits plus a
 few header bytes, and a zero tensor decodes to zero instead of to a drift of ±1 steps.
@@ -57,8 +58,13 @@ class Sign(Codec):
 
     name: ClassVar[str] = "sign"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "signSGD: 1 bit/element, majority vote sgn(sum of signs) (§2.3)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "signSGD: 1 bit/element, majority vote sgn(sum of signs)"
+    source: ClassVar[str] = "Bernstein, Wang, Azizzadenesheli, Anandkumar: signSGD, ICML 2018 / ICLR 2019"
+
+    @property
+    def carries_scale(self) -> bool:
+        """The vote decodes to ±1: the learning rate, not the packet, carries the step size."""
+        return False
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         return Packet(self.name, x.numel(), encode_signs(x))
@@ -68,7 +74,7 @@ class Sign(Codec):
         return decode_signs(count, signs, zeros, packet.numel, self.name)
 
     def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        """Weighted majority vote sgn(Σ_m w_m·sgn(g_m)); a tie (the sum exactly 0) votes 0 (§2.3)."""
+        """Weighted majority vote sgn(Σ_m w_m·sgn(g_m)); a tie (the sum exactly 0) votes 0."""
         total = torch.zeros_like(decoded[0], dtype=torch.float64)
         for d, w in zip(decoded, weights):
             total.add_(d.to(torch.float64), alpha=float(w))
@@ -78,7 +84,7 @@ class Sign(Codec):
 @register
 @dataclass(frozen=True)
 class ScaledSign(Codec):
-    """Scaled sign C(p) = (‖p‖₁/d)·sgn(p) of EF-SignSGD (Karimireddy et al., ICML 2019; §2.4).
+    """Scaled sign C(p) = (‖p‖₁/d)·sgn(p) of EF-SignSGD (Karimireddy et al., ICML 2019).
 
     A δ-compressor: ‖C(p) − p‖² = (1 − δ)‖p‖² with δ = ‖p‖₁²/(d‖p‖²) when p has no zeros (at most
     that otherwise). Biased: meant to run with ``compression.error_feedback: true``. Wire: one fp32
@@ -87,8 +93,8 @@ class ScaledSign(Codec):
 
     name: ClassVar[str] = "ef_sign"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "scaled sign (|p|_1/d)·sgn(p), 1 bit/element + fp32; use with error feedback (§2.4)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "scaled sign (|p|_1/d)·sgn(p), 1 bit/element + fp32; use with error feedback"
+    source: ClassVar[str] = "Karimireddy, Rebjock, Stich, Jaggi: EF-SignSGD, ICML 2019"
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         p = x.reshape(-1).to(torch.float32)

@@ -1,4 +1,4 @@
-"""Sparse vectors on the wire (ALGORITHMS.md §1.2, §6.1): the density rule, and Elias–Fano index coding.
+"""Sparse vectors on the wire (Elias 1974; Fano 1971; Shi et al. 2019 for the density rule): the density rule, and Elias–Fano index coding.
 
 Elias–Fano (Vigna, "Quasi-succinct indices", WSDM 2013) splits each index x_i (sorted, i = 0..k−1,
 all < d) into ``l`` low bits, packed at fixed width, and the high part x_i >> l, stored as a unary
@@ -28,7 +28,7 @@ from compressors.packet import PacketError
 
 
 def density_count(density: float, numel: int) -> int:
-    """k = max(1, ⌊ρ·d⌋), at most d (§6.1)."""
+    """k = max(1, ⌊ρ·d⌋), at most d."""
     return min(numel, max(1, int(density * numel)))
 
 

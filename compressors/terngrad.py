@@ -1,4 +1,4 @@
-"""TernGrad (Wen et al., NeurIPS 2017; ALGORITHMS.md §2.2): stochastic ternary {−s, 0, s} per tensor.
+"""TernGrad (Wen et al., NeurIPS 2017): stochastic ternary {−s, 0, s} per tensor.
 
 Optionally clip g_i to ±c·σ first, with σ the tensor's root-mean-square ‖g‖/√d (the std about zero:
 equal to the std for zero-mean gradients, and never 0 for a constant nonzero tensor). Then
@@ -26,11 +26,14 @@ from compressors.packet import Packet
 class TernGrad(Codec):
     name: ClassVar[str] = "terngrad"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "stochastic ternary {-s,0,s}, s=max|g| after c·σ clipping, 2 bits/element (§2.2)"
-    #: Unbiased for the clipped gradient (exactly unbiased for g with clip=0).
-    unbiased: ClassVar[bool] = True
+    summary: ClassVar[str] = "stochastic ternary {-s,0,s}, s=max|g| after c·σ clipping, 2 bits/element"
+    source: ClassVar[str] = "Wen, Xu, Yan, Wu, Wang, Chen, Li: TernGrad, NeurIPS 2017"
 
     clip: float = 2.5
+
+    @property
+    def unbiased(self) -> bool:
+        return self.clip == 0
 
     def __post_init__(self) -> None:
         if self.clip < 0:

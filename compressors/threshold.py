@@ -1,4 +1,5 @@
-"""Threshold quantiser of QCMD / QRDA AdaGrad (Xu et al. 2022; ALGORITHMS.md §10, [R]).
+"""Threshold quantiser of QCMD / QRDA AdaGrad (Xu, Wangni, Zhang, Ye, Wu, Zhao, 2022;
+the quantiser itself is our reconstruction: the paper's exact rule is not public).
 
 Support T = {i : |g_i| > κ·r} with r = mean|g| (``reference="mean"``) or ‖g‖∞ (``"max"``);
 Q(g)_i = a·sgn(g_i)·1[i ∈ T] with a = mean_{i∈T}|g_i|, the scale minimising ‖Q(g) − g‖² for that
@@ -27,8 +28,8 @@ from compressors.sparse_index import decode_indices, encode_indices, layout
 class Threshold(Codec):
     name: ClassVar[str] = "threshold"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "a·sgn(g) where |g| > κ·mean|g| (or κ·max|g|), a = mean |g| there (§10)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "a·sgn(g) where |g| > κ·mean|g| (or κ·max|g|), a = mean |g| there"
+    source: ClassVar[str] = "Xu, Wangni, Zhang, Ye, Wu, Zhao: QCMD/QRDA AdaGrad, 2022 (our reconstruction)"
 
     kappa: float = 0.5
     #: "mean" by default: κ·mean|g| keeps a stable fraction of a layer whatever its size, where

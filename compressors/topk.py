@@ -1,7 +1,7 @@
-"""Top-k sparsification (Shi et al. 2019; ALGORITHMS.md §6.1): keep the k largest |u_i|.
+"""Top-k sparsification (Shi, Chu, Cheung, See, 2019): keep the k largest |u_i|.
 
 k = max(1, ⌊ρ·d⌋). Biased, so run it with ``compression.error_feedback: true`` (the EF wrapper keeps
-u − Topk(u)). Contraction: ‖u − Topk(u)‖² ≤ (1 − k/d)‖u‖² for every u (§6.3).
+u − Topk(u)). Contraction: ‖u − Topk(u)‖² ≤ (1 − k/d)‖u‖² for every u.
 
 Wire: k fp32 values in index order, then the sorted indices Elias–Fano coded
 (:mod:`compressors.sparse_index`, ≈ log2(d/k) + 2 bits each). k follows from (ρ, d), so no length
@@ -25,8 +25,8 @@ from compressors.sparse_index import check_density, densify, density_count, spar
 class TopK(Codec):
     name: ClassVar[str] = "topk"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "k largest magnitudes + Elias-Fano indices; use with error feedback (§6.1)"
-    unbiased: ClassVar[bool] = False
+    summary: ClassVar[str] = "k largest magnitudes + Elias-Fano indices; use with error feedback"
+    source: ClassVar[str] = "Shi, Chu, Cheung, See: TopK-SGD with error compensation, 2019"
 
     density: float = 0.01
 

@@ -1,10 +1,10 @@
-"""vqSGD (Gandikota, Kane, Maity, Mazumdar; AISTATS 2021; ALGORITHMS.md §5): vector quantisation to
+"""vqSGD (Gandikota, Kane, Maity, Mazumdar; AISTATS 2021): vector quantisation to
 the vertices of a point set whose convex hull contains the unit ball.
 
-Per block ``g_b`` (block-product variant, §5.2 item 4): send ``‖g_b‖`` and ``s`` i.i.d. indices of
+Per block ``g_b`` (block-product variant): send ``‖g_b‖`` and ``s`` i.i.d. indices of
 points ``c_J`` drawn with ``P(J = j) = a_j``, where ``v = g_b/‖g_b‖ = Σ a_j c_j`` (``a ≥ 0``,
 ``Σ a = 1``). The receiver returns ``‖g_b‖·(1/s)·Σ c_J``: unbiased, with
-``E‖Q(g_b) − g_b‖² = ‖g_b‖²(r² − 1)/s`` for points of norm ``r`` (§5.1).
+``E‖Q(g_b) − g_b‖² = ‖g_b‖²(r² − 1)/s`` for points of norm ``r``.
 
 Point sets (``m`` = block dimension):
 
@@ -107,12 +107,16 @@ def _householder_out(y: torch.Tensor) -> torch.Tensor:
 class VQSGD(Codec):
     name: ClassVar[str] = "vqsgd"
     kind: ClassVar[Kind] = Kind.GATHER
-    summary: ClassVar[str] = "unbiased vector quantiser: s sampled points per block + block norm (§5)"
-    unbiased: ClassVar[bool] = True
+    summary: ClassVar[str] = "unbiased vector quantiser: s sampled points per block + block norm"
+    source: ClassVar[str] = "Gandikota, Kane, Maity, Mazumdar: vqSGD, AISTATS 2021"
 
     points: Literal["cross", "simplex", "hadamard"] = "cross"
     reps: int = 16
     block: int = 64
+
+    @property
+    def unbiased(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         if self.points not in ("cross", "simplex", "hadamard"):

@@ -530,7 +530,7 @@ def _train_digits(make_codec_for_worker, lr: float, steps: int, workers: int, ba
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     codecs = [make_codec_for_worker() for _ in range(workers)]
-    aggregate = getattr(codecs[0], "inner", codecs[0]).aggregate
+    aggregate = codecs[0].aggregate
     sampler = torch.Generator().manual_seed(1)
     for step in range(steps):
         decoded: dict[str, list[torch.Tensor]] = {name: [] for name in params}
@@ -540,6 +540,7 @@ def _train_digits(make_codec_for_worker, lr: float, steps: int, workers: int, ba
             for (name, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
                 info = TensorInfo(name, tuple(p.shape), worker=w, world=workers, step=step)
                 decoded[name].append(codec.decode(codec.encode(g, info), info))
+                codec.settle(info, True)  # the contribution was applied: error feedback commits its memory
         for name, p in params.items():
             p.grad = aggregate(decoded[name], [1.0] * workers).view_as(p)
         opt.step()

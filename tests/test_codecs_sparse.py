@@ -314,7 +314,7 @@ def test_invalid_parameters_are_refused():
 
 def train_digits(make, lr: float, epochs: int = 15, workers: int = 4, batch: int = 32) -> float:
     """Each worker's gradient goes through its own codec; the average is applied by SGD with
-    momentum 0.9 (after aggregation, §6.1). Returns the held-out accuracy."""
+    momentum 0.9 (after aggregation, as TopK-SGD does). Returns the held-out accuracy."""
     from sklearn.datasets import load_digits
 
     data, target = load_digits(return_X_y=True)
@@ -346,6 +346,8 @@ def train_digits(make, lr: float, epochs: int = 15, workers: int = 4, batch: int
                     else:
                         mean = codecs[0].aggregate([c.decode(pk, i) for c, pk, i in zip(codecs, packets, infos)],
                                                    [1.0] * workers)
+                    for c, i in zip(codecs, infos):  # every contribution was applied: error feedback commits
+                        c.settle(i, True)
                     momentum[j].mul_(0.9).add_(mean.view_as(p))
                     p.sub_(momentum[j], alpha=lr)
             step += 1

@@ -61,6 +61,7 @@ def test_error_feedback_wraps_each_codec_once_and_its_state_round_trips():
     assert isinstance(codec, ErrorFeedback)
     info = TensorInfo("x", (1000,))
     codec.encode(torch.randn(1000), info)
+    codec.settle(info, True)
     state = policy.state_dict()
     fresh = Policy("int8", {"bits": 4}, error_feedback=True, min_numel=0)
     fresh.load_state_dict(state)

@@ -296,7 +296,7 @@ def test_zero_gradients_give_zero_without_nans():
 def test_policy_does_not_stack_error_feedback_on_powersgd():
     policy = Policy("powersgd", {"rank": 4}, error_feedback=True)
     assert isinstance(policy.default, PowerSGD) and policy.default.rank == 4
-    assert set(policy.state_dict()) == {"powersgd:0"}
+    assert set(policy.state_dict()) == {"powersgd(rank=4,min_compression_rate=2.0,start_iter=0)"}  # keyed by spec
 
 
 def test_invalid_parameters_are_refused():
