@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, Ledger, TorchTransport, WireRecord
+from rayq.collective import CompressedGroup, Ledger
+from rayq.transport import TorchTransport, WireRecord
 
 
 class RayqHookState:
@@ -70,14 +71,13 @@ class RayqHookState:
         state["process_group"] = None
         state["names"] = {}  # parameter identities do not survive a pickle; rebind with bind()
         group = state["group"]
-        state["group"] = (group.policy, group.seed, group.strategy, group.owner_residuals)
+        state["group"] = (group.policy, group.seed, group.strategy)  # the policy holds every codec memory
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        policy, seed, strategy, owner = state.pop("group")
+        policy, seed, strategy = state.pop("group")
         self.__dict__.update(state)
         self.group = CompressedGroup(policy, self._transport(None), seed=seed, strategy=strategy)
-        self.group.owner_residuals = owner
 
     def bind(self, model: nn.Module) -> None:
         """Name the buckets' gradients after ``model``'s parameters (after unpickling a state)."""

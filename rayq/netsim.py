@@ -1,4 +1,4 @@
-"""The network the bits cross (DESIGN.md §2 rayq.netsim): seconds of each collective from real bytes.
+"""The network the bits cross: seconds of each collective from the bytes that really moved.
 
 Pure functions of byte counts and per-worker :class:`Link` s (bandwidths in bits/s, latency in s),
 plus a :class:`VirtualClock` that turns compute and communication into simulated seconds, so that
@@ -15,11 +15,15 @@ Collectives (``P_i``: worker i's payload in bytes, ``V`` when all are equal; ``N
   ``2(N−1)/N · 8V/b_min + 2(N−1)·R·L_ring``.
 * ring all-gather — receives ``Σ_{j≠i} P_j``, sends ``Σ_j P_j − P_{i+1}``;
   ``Σ_{s<N−1} max_i 8P_{i−s}/b_{i→i+1} + (N−1)·R·L_ring``.
+* all-to-all — worker i sends ``up_i`` and receives ``down_i`` bytes (variable-size chunks, one per peer);
+  bandwidth-bound: ``max_i max(8·up_i/u_i, 8·down_i/d_i) + (N−1)·R·L_pair``.
 * two-phase reduce — ``(N−1)/N·P_i`` + re-encoded shards ``Σ_{j≠i} S_j`` (≈ ``2(N−1)/N·P``, flat in N);
-  bandwidth-bound all-to-all of shard packets, then a ring all-gather of the shards.
+  bandwidth-bound all-to-all of shard packets, then a ring all-gather of the shards (the transport
+  records the two phases separately, so a run's trace is timed as an all-to-all and an all-gather).
+* broadcast — a pipelined chain from the source: ``8V/b_min + (N−1)·R·L_ring``.
 * parameter server — worker up ``V_i``, down ``V'_i``; the server carries ``ΣV_i`` and ``ΣV'_i``;
   ``max(max_i 8V_i/up_i, 8ΣV_i/server.down) + max(max_i 8V'_i/down_i, 8ΣV'_i/server.up) + 2R·L``.
-* butterfly (DeDLOC, ALGORITHMS.md §8.3) — ``V·(1 + (N−2)·w_i)`` each way;
+* butterfly (DeDLOC, Diskin et al., NeurIPS 2021) — ``V·(1 + (N−2)·w_i)`` each way;
   ``max_i 8V(1+(N−2)w_i)/b_i + 2R·L_pair`` (= ``ξ*·8V`` with optimal shares).
 
 ``b_min`` is the slowest hop of the ring, ``L_ring`` its largest hop latency and ``L_pair`` the
@@ -34,8 +38,9 @@ import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Protocol
+
+from rayq.balance import optimize_shares
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Link:
     """One worker's network attachment: bits/s each way, one-way latency, and whether it is behind NAT.
 
     A ``client_mode`` peer (behind NAT or a firewall) can open connections but not accept them: in
-    the butterfly all-reduce it sends and receives its own data but aggregates no shard (§8.3).
+    the butterfly all-reduce it sends and receives its own data but aggregates no shard (Diskin et al., NeurIPS 2021).
     """
 
     up_bps: float
@@ -78,6 +83,8 @@ class Collective(str, enum.Enum):
 
     ALLREDUCE = "allreduce"
     ALLGATHER = "allgather"
+    ALLTOALL = "alltoall"
+    BROADCAST = "broadcast"
     TWO_PHASE = "two_phase"
     PS = "ps"
     BUTTERFLY = "butterfly"
@@ -163,7 +170,7 @@ def _shards(payloads: Sequence[float], shard_payloads: Sequence[float] | None) -
 
 def two_phase_time(payloads: Sequence[float], links: Sequence[Link], shard_payloads: Sequence[float] | None = None,
                    rounds: int = 1) -> float:
-    """Two-phase re-encoding reduce (DESIGN.md rayq.collective): per-worker volume independent of N.
+    """Two-phase re-encoding reduce (DeepSpeed 1-bit, CGX): per-worker volume independent of N.
 
     Phase 1 (reduce-scatter of packets): worker i's encoded vector (``payloads[i]`` bytes) is cut into
     N shards of ``P_i/N``; shard j goes to its owner j. Bandwidth-bound all-to-all: worker i sends
@@ -207,7 +214,7 @@ def ps_time(up_bytes: Sequence[float], down_bytes: Sequence[float], links: Seque
 
 def butterfly_time(nbytes: float, links: Sequence[Link], shares: Sequence[float] | None = None,
                    rounds: int = 1) -> float:
-    """DeDLOC butterfly all-reduce (ALGORITHMS.md §8.3): peer i aggregates a fraction ``w_i`` of the vector.
+    """DeDLOC butterfly all-reduce (Diskin et al., NeurIPS 2021): peer i aggregates a fraction ``w_i`` of the vector.
 
     Peer i moves ``V·(1 + (N−2)·w_i)`` bytes each way; time = ``max_i 8V(1+(N−2)w_i)/b_i + 2·R·L_pair``
     with ``b_i = min(up_i, down_i)``. ``shares=None`` uses :func:`optimize_shares` (then the
@@ -251,6 +258,11 @@ def wire_bytes(kind: Collective | str, payloads: Sequence[float], shard_payloads
         return [Traffic(v, v) for _ in payloads]
     if kind is Collective.ALLGATHER:
         return [Traffic(total - payloads[(i + 1) % n], total - payloads[i]) for i in range(n)]
+    if kind is Collective.ALLTOALL:
+        return [Traffic((n - 1) * payloads[i], total - payloads[i]) for i in range(n)]
+    if kind is Collective.BROADCAST:
+        return [Traffic(float(payloads[i]) if payloads[i] else max(payloads), 0.0 if payloads[i] else max(payloads))
+                for i in range(n)]
     if kind is Collective.TWO_PHASE:
         shards = _shards(payloads, shard_payloads)
         s_total = sum(shards)
@@ -275,9 +287,12 @@ def transfer_seconds(kind: Collective | str, bytes_up: Sequence[float], bytes_do
       the call's ``rounds``); → :func:`ring_allreduce_time` of the largest.
     * ``allgather`` — ``bytes_up[i]``: worker i's own frame; ``bytes_down[i]``: the others' frames;
       → :func:`ring_allgather_time` of the ``bytes_up``.
-    * ``two_phase`` — ``bytes_up[i]`` / ``bytes_down[i]``: what worker i really sent / received over
-      both phases; bandwidth-bound: ``max_i max(8·up_i/u_i, 8·down_i/d_i) + (N−1)·R·(L_pair + L_ring)``
-      (equals :func:`two_phase_time` for equal links and payloads).
+    * ``alltoall`` — ``bytes_up[i]`` / ``bytes_down[i]``: what worker i sent to / received from the others;
+      bandwidth-bound: ``max_i max(8·up_i/u_i, 8·down_i/d_i) + (N−1)·R·L_pair``.
+    * ``broadcast`` — ``bytes_up[src]``: the buffer the source sends (0 elsewhere); a pipelined chain:
+      ``8V/b_min + (N−1)·R·L_ring``.
+    * ``two_phase`` (traces of older runs) — what worker i sent / received over both phases;
+      ``max_i max(8·up_i/u_i, 8·down_i/d_i) + (N−1)·R·(L_pair + L_ring)``.
     * ``ps`` — pushed ``bytes_up[i]``, pulled ``bytes_down[i]``; → :func:`ps_time`.
     * ``butterfly`` — ``bytes_up[i]``: the vector each peer averages; → :func:`butterfly_time` with
       optimal shares.
@@ -298,6 +313,12 @@ def transfer_seconds(kind: Collective | str, bytes_up: Sequence[float], bytes_do
         return ring_allgather_time(bytes_up, links, rounds)
     if kind is Collective.BUTTERFLY:
         return butterfly_time(max(bytes_up), links, rounds=rounds)
+    if kind is Collective.BROADCAST:
+        hops = _ring(links)
+        return 8 * max(bytes_up) / min(b for b, _ in hops) + (n - 1) * rounds * max(lat for _, lat in hops)
+    bw = max(max(8 * u / lk.up_bps, 8 * d / lk.down_bps) for u, d, lk in zip(bytes_up, bytes_down, links))
+    if kind is Collective.ALLTOALL:
+        return bw + (n - 1) * rounds * _pair_latency(links)
     bw = max(max(8 * u / lk.up_bps, 8 * d / lk.down_bps) for u, d, lk in zip(bytes_up, bytes_down, links))
     lat = _pair_latency(links) + max(lat for _, lat in _ring(links))
     return bw + (n - 1) * rounds * lat
@@ -315,97 +336,6 @@ def collective_seconds(kind: Collective | str, ledgers: Sequence[LedgerLike], li
     rounds = max((lg.rounds for lg in ledgers), default=0)
     return transfer_seconds(kind, [lg.bytes_up for lg in ledgers], [lg.bytes_down for lg in ledgers], links,
                             rounds=rounds, server=server)
-
-
-# ---------------------------------------------------------------------------------------- load balancing
-
-
-@dataclass(frozen=True)
-class Shares:
-    """Butterfly shard fractions and the LP objective ξ (seconds per bit of the vector).
-
-    ``xi`` = ``max_i (1 + (N−2)·w_i)/b_i`` over the non-client peers: the round's bandwidth time is
-    ``xi × 8V`` (V in bytes, b in bits/s). ``xi_fill`` is the water-filling level of §8.3.
-    """
-
-    weights: tuple[float, ...]
-    xi: float
-    xi_fill: float
-
-
-def optimize_shares(bandwidths: Sequence[float | None], client_mode: Sequence[bool] | None = None,
-                    min_share: float = 0.0) -> Shares:
-    """Optimal butterfly shares (ALGORITHMS.md §8.3, hivemind ``optimize_parts_lp``) in closed form.
-
-    LP: minimise ξ s.t. ``(1 + (N−2)w_i)/b_i ≤ ξ`` for every peer that can aggregate, ``w ≥ 0``,
-    ``Σw = 1``. Water-filling: ``ξ_fill`` solves ``Σ_i max(0, ξ·b_i − 1) = N − 2``; the active peers get
-    ``w_i = (ξ_fill·b_i − 1)/(N−2)``, the others 0; the optimum is ``ξ* = max(ξ_fill, 1/min_i b_i)``.
-    Peers with bandwidth 0 or ``client_mode`` get ``w = 0``; unknown bandwidths (None / NaN) take the mean
-    of the known positive ones. Shares below ``min_share`` are zeroed and the rest renormalised
-    (hivemind's ``min_size / vector_size``). N = 2: any split is optimal; the aggregators split equally.
-    """
-    n = len(bandwidths)
-    if n == 0:
-        raise ValueError("optimize_shares needs at least one peer")
-    if client_mode is not None and len(client_mode) != n:
-        raise ValueError(f"client_mode has {len(client_mode)} entries for {n} peers")
-    known = [b for b in bandwidths if b is not None and not math.isnan(b)]
-    if any(b < 0 for b in known):
-        raise ValueError(f"bandwidths={list(bandwidths)!r} must be >= 0 (0 = client mode)")
-    positive = [b for b in known if b > 0]
-    fill_in = sum(positive) / len(positive) if positive else 1.0
-    b = [fill_in if x is None or math.isnan(x) else float(x) for x in bandwidths]
-    clients = [bi == 0 or bool(client_mode and client_mode[i]) for i, bi in enumerate(b)]
-    active = [i for i in range(n) if not clients[i]]
-    if not active:
-        raise ValueError("every peer is in client mode: no peer can aggregate a shard")
-    w = [0.0] * n
-    if n <= 2:
-        for i in active:
-            w[i] = 1.0 / len(active)
-        xi_fill = 0.0 if n == 1 else 1.0 / max(b[i] for i in active)
-    else:
-        order = sorted(active, key=lambda i: -b[i])
-        s = 0.0
-        for k, i in enumerate(order, start=1):
-            s += b[i]
-            xi_fill = (n - 2 + k) / s
-            if k == len(order) or xi_fill * b[order[k]] <= 1:
-                break
-        for i in order[:k]:
-            w[i] = (xi_fill * b[i] - 1) / (n - 2)
-    if min_share > 0:
-        kept = [wi if wi >= min_share else 0.0 for wi in w]
-        if sum(kept) > 0:
-            w = [wi / sum(kept) for wi in kept]
-    xi = 0.0 if n == 1 else max((1 + (n - 2) * w[i]) / b[i] for i in active)
-    return Shares(tuple(w), xi, xi_fill)
-
-
-def apportion(scores: Sequence[float], total: int) -> list[int]:
-    """Hagenbach–Bischoff (D'Hondt) apportionment of ``total`` elements by ``scores``; sums to ``total``.
-
-    Floor of the proportional quota, then each remaining element goes to the largest
-    ``score_i / (allocated_i + 1)`` (lowest index on ties) — hivemind's ``hagenbach_bishoff``.
-    """
-    if total < 0 or any(not s >= 0 for s in scores) or not sum(scores) > 0:
-        raise ValueError(f"apportion needs total >= 0 and scores >= 0 with a positive sum; got {total}, {list(scores)}")
-    exact = [Fraction(s) for s in scores]
-    whole = sum(exact)
-    alloc = [int(total * s / whole) for s in exact]
-    while sum(alloc) < total:
-        i = max(range(len(exact)), key=lambda j: (exact[j] / (alloc[j] + 1), -j))
-        alloc[i] += 1
-    return alloc
-
-
-def load_balance(bandwidths: Sequence[float | None], vector_size: int, client_mode: Sequence[bool] | None = None,
-                 min_size: int = 0) -> list[int]:
-    """Integer shard sizes for the butterfly all-reduce: :func:`optimize_shares` then :func:`apportion`."""
-    if vector_size <= 0:
-        raise ValueError(f"vector_size={vector_size!r} must be > 0")
-    shares = optimize_shares(bandwidths, client_mode, min_share=min_size / vector_size)
-    return apportion(shares.weights, vector_size)
 
 
 # ---------------------------------------------------------------------------------------- clock
@@ -494,6 +424,13 @@ class VirtualClock:
         self.times[worker] = max(self.times[worker], self.now)
         return self.times[worker]
 
+    def abandon(self, worker: int, t: float) -> float:
+        """A worker dropped by a deadline gives up its computation at the group's barrier ``t`` and goes on
+        from there with the current model: its clock is ``t``, not its own (later) finishing time."""
+        self.compute_s[worker] += max(0.0, t - self.times[worker])
+        self.times[worker] = t
+        return t
+
     def utilisation(self) -> list[float]:
         """Fraction of the simulated time each worker spent computing."""
         now = self.now
@@ -531,8 +468,8 @@ def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
     """Seconds of communication in one training step: its collectives run one after another.
 
     A record's ``bytes_down`` (when it has one) is every worker's bytes received; otherwise it is
-    implied: the others' bytes for all-reduce / all-gather, and for ``two_phase`` (whose traffic is
-    symmetric for equal payloads) the worker's own ``bytes_up``.
+    implied: the others' bytes for all-reduce / all-gather, the source's buffer for a broadcast, and for
+    ``two_phase`` (whose traffic is symmetric for equal payloads) the worker's own ``bytes_up``.
     """
     total = 0.0
     for rec in wire:
@@ -540,7 +477,13 @@ def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
         down = getattr(rec, "bytes_down", None)
         if down is None:
             everyone = sum(up)
-            down = up if _kind(rec.kind) is Collective.TWO_PHASE else [everyone - b for b in up]
+            kind = _kind(rec.kind)
+            if kind is Collective.TWO_PHASE:
+                down = up
+            elif kind is Collective.BROADCAST:
+                down = [everyone if b == 0 else 0 for b in up]
+            else:
+                down = [everyone - b for b in up]
         total += transfer_seconds(rec.kind, up, list(down), links, rec.rounds)
     return total
 
@@ -551,7 +494,8 @@ class TraceStep:
 
     step: int
     compute_s: float
-    wire: tuple[tuple[str, int, tuple[int, ...]], ...]
+    #: ``[kind, rounds, bytes_up, bytes_down?, purpose?, padding?]`` per collective (the WireRecord JSON form).
+    wire: tuple[tuple, ...]
 
 
 def replay(steps: Iterable[TraceStep], links: Sequence[Link], speed_factors: Sequence[float] | None = None,
@@ -576,3 +520,5 @@ class _Wire:
     rounds: int
     bytes_up: tuple[int, ...]
     bytes_down: tuple[int, ...] | None = None
+    purpose: str = "payload"
+    padding: tuple[int, ...] | None = None

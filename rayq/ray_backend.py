@@ -25,7 +25,8 @@ group and runs dense::
 * Rendezvous: like Ray's GLOO group, rank 0 publishes ``address:port`` in Ray's internal KV store and
   every rank joins a gloo default process group. Where torch.distributed is already initialised (Ray
   Train workers, or an earlier RAYQ group) the existing default group is reused, which needs the same
-  rank layout (one layout per process, RAY_NOTES.md); a group named other than ``default`` gets its
+  rank layout (gloo groups share the process-wide default group, and a second layout in one process
+  gives silently wrong results, so it is refused); a group named other than ``default`` gets its
   own gloo subgroup of all ranks (so does ``default`` when the default group is NCCL).
 * Error-feedback residuals (``error_feedback=True``) are kept per tensor shape and dtype: a tensor of
   another shape has its own memory. Like Ray's groups, a dead member hangs the group (no timeouts).
@@ -46,7 +47,8 @@ import torch
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, Ledger, TorchTransport, check_strategy
+from rayq.collective import CompressedGroup, Ledger, check_strategy
+from rayq.transport import TorchTransport
 
 BACKEND = "RAYQ"
 ENV_VAR = "RAYQ_COLLECTIVE"
@@ -184,7 +186,9 @@ class RayqGroup(BaseGroup):
                 raise RuntimeError(
                     f"RAYQ group {group_name!r} wants rank {rank} of {world_size}, but this process's "
                     f"torch.distributed default group has rank {dist.get_rank()} of {dist.get_world_size()}; "
-                    "one rank layout per process (RAY_NOTES.md)")
+                    "a process can hold one rank layout only, because gloo groups share the process-wide default "
+                    "group and a second layout gives wrong results; see the README section 'Ray collective "
+                    "backend (RAYQ)'")
         else:
             _rendezvous(group_name, world_size, rank, self.options.timeout_s)
             _OWNS_DEFAULT = True

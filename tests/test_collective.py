@@ -6,7 +6,8 @@ import torch
 
 from compressors import TensorInfo, make_codec
 from compressors.policy import SMALL_BUCKET, Policy
-from rayq.collective import CompressedGroup, TorchTransport
+from rayq.collective import CompressedGroup
+from rayq.transport import TorchTransport
 from tests.distributed import run_workers
 
 SHAPES = {"fc1.weight": (128, 64), "fc1.bias": (128,), "fc2.weight": (10, 128), "fc2.bias": (10,)}

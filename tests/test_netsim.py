@@ -10,9 +10,9 @@ import pytest
 from scipy.optimize import linprog
 
 from rayq.collective import Ledger
-from rayq.netsim import (Link, Traffic, VirtualClock, apportion, butterfly_time, collective_seconds, load_balance,
-                         optimize_shares, ps_time, ring_allgather_time, ring_allreduce_time, time_to_accuracy,
-                         transfer_seconds, two_phase_time, wire_bytes)
+from rayq.balance import apportion, load_balance, optimize_shares
+from rayq.netsim import (Link, Traffic, VirtualClock, butterfly_time, collective_seconds, ps_time, ring_allgather_time,
+                         ring_allreduce_time, time_to_accuracy, transfer_seconds, two_phase_time, wire_bytes)
 
 GBIT, MBIT = 1e9, 1e6
 

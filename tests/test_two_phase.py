@@ -9,7 +9,8 @@ import torch
 
 from compressors import REGISTRY
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, TorchTransport, check_strategy, run_local
+from rayq.collective import CompressedGroup, check_strategy
+from rayq.transport import TorchTransport, run_local
 from rayq.config import CompressionConfig, ConfigError, from_dict
 from rayq.netsim import Link, step_comm_seconds, transfer_seconds
 from tests.distributed import run_workers
@@ -99,11 +100,13 @@ def test_two_phase_per_worker_bytes_stay_flat_from_2_to_8_workers_while_all_gath
         for world in (2, 4, 8):
             ledgers = run_local(world, _bytes_per_worker, strategy, d)
             volume[strategy][world] = max(lg.bytes_up + lg.bytes_down for lg in ledgers)
-            wire = ledgers[0].wire[0]
-            assert wire.kind == strategy and len(wire.bytes_up) == world
-            if strategy == "two_phase":  # every byte sent is received by someone
-                assert sum(wire.bytes_up) == sum(wire.bytes_down)
-                assert all(lg.wire == ledgers[0].wire for lg in ledgers)
+            payload = [r for r in ledgers[0].wire if r.purpose == "payload"]
+            # what crossed the transport: phase 1 is an all-to-all, phase 2 an all-gather of the re-encoded shards
+            assert [r.kind for r in payload] == (["alltoall", "allgather"] if strategy == "two_phase" else ["allgather"])
+            assert all(len(r.bytes_up) == world for r in payload)
+            assert all(lg.wire == ledgers[0].wire for lg in ledgers)  # every worker knows every worker's bytes
+            if strategy == "two_phase":  # every byte sent in phase 1 is received by someone
+                assert sum(payload[0].bytes_up) == sum(payload[0].bytes_down)
     tp, ag = volume["two_phase"], volume["allgather"]
     one = ag[2] / 2  # P: one worker's qsgd frame of d elements
     for n in (2, 4, 8):
@@ -117,13 +120,16 @@ def test_two_phase_per_worker_bytes_stay_flat_from_2_to_8_workers_while_all_gath
 def test_two_phase_wire_record_feeds_the_network_model_with_real_down_bytes():
     world = 4
     ledgers = run_local(world, _bytes_per_worker, "two_phase", 2**14)
-    rec = ledgers[0].wire[0]
+    rec = next(r for r in ledgers[0].wire if r.kind == "alltoall")
     links = [Link(1e8, 1e8, 0.0)] * world
     assert rec.bytes_down is not None
     expected = max(8 * max(u, dn) / 1e8 for u, dn in zip(rec.bytes_up, rec.bytes_down))
     assert step_comm_seconds([rec], links) == pytest.approx(expected)
     assert step_comm_seconds([rec], links) == pytest.approx(
-        transfer_seconds("two_phase", rec.bytes_up, rec.bytes_down, links))
+        transfer_seconds("alltoall", rec.bytes_up, rec.bytes_down, links))
+    # the whole call: size exchanges, the all-to-all and the padded all-gather, one after another
+    assert step_comm_seconds(ledgers[0].wire, links) == pytest.approx(sum(
+        transfer_seconds(r.kind, r.bytes_up, [r.down(w) for w in range(world)], links) for r in ledgers[0].wire))
 
 
 def _ef_steps(transport, resume_state):
@@ -149,7 +155,9 @@ def test_two_phase_owner_error_feedback_is_kept_per_shard_and_resumes_bit_exactl
     straight = run_local(world, _ef_steps, False)
     resumed = run_local(world, _ef_steps, True)
     for w in range(world):
-        owner = straight[w][2]["__two_phase_owner__"]
+        owners = [v for k, v in straight[w][2].items() if k.startswith("owner:")]  # the owners' own codec memory
+        assert len(owners) == 1
+        owner = owners[0]["residuals"]
         assert sorted(owner) == [f"{k}#{w}/{world}@owner" for k in sorted(SHAPES)]
         for k in SHAPES:
             assert torch.equal(straight[w][1][k], resumed[w][1][k])

@@ -1,0 +1,328 @@
+"""Transports: the collectives a compressed group runs on, and a record of every byte they move.
+
+A :class:`Transport` implements four primitives (equal-size all-reduce and all-gather, variable-size
+all-to-all, broadcast) and builds the operations the group needs on them, recording each as a
+:class:`WireRecord` that holds **every worker's** bytes, so the network model can time it:
+
+* ``all_reduce_sum(t)`` — one all-reduce of ``t`` (the same size on every worker);
+* ``all_gather_bytes(frame)`` — variable-size frames: an all-gather of the sizes (control), then
+  either ``padded`` (default): an all-gather of every frame padded to the longest (the padding is
+  counted), or ``direct``: an all-to-all in which each worker sends its frame to every other one (no
+  padding, but each frame crosses N−1 links from its sender);
+* ``all_to_all_bytes(chunks)`` — chunk j to worker j: an all-gather of the size matrix (control,
+  so every worker knows every worker's traffic), then one variable-size all-to-all;
+* ``broadcast(tensors, src)`` — state sent to a (re)joining worker.
+
+Every record says what the bytes were for (``payload`` from codecs, ``control`` such as sizes, BN
+statistics and evaluation sums, ``state`` such as model broadcasts) and how much of each worker's
+share was padding. The group moves the records into its :class:`~rayq.collective.Ledger`; whatever a
+step leaves behind is collected by the run harness, so each byte is counted exactly once.
+
+:class:`TorchTransport` runs on a torch.distributed process group (gloo, or NCCL with CUDA
+tensors); :class:`LocalTransport` runs ``world`` threads of one process meeting at a barrier (tests,
+in-process simulations). A worker's outgoing all-gather frame can be tampered with (``tamper``: the
+fault injector loses or corrupts it) before it is sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class Purpose(str, enum.Enum):
+    PAYLOAD = "payload"   # codec packets
+    CONTROL = "control"   # sizes, skip flags, statistics, evaluation sums
+    STATE = "state"       # model / optimizer state sent to (re)joining workers
+
+
+@dataclass(frozen=True)
+class WireRecord:
+    """One collective on the wire: how it moves bytes (a network-model kind), its rounds, and per worker
+    the bytes it handed to the collective (``bytes_up``) and, where not implied, received (``bytes_down``).
+
+    ``padding[i]`` of ``bytes_up[i]`` were padding. Conventions of the network model: ``allreduce`` and
+    ``allgather`` give the buffer each worker contributes; ``alltoall`` gives what each worker sends to
+    and receives from the others; ``broadcast`` gives the source's buffer at its index.
+    """
+
+    kind: str
+    rounds: int
+    bytes_up: tuple[int, ...]
+    bytes_down: tuple[int, ...] | None = None
+    purpose: str = Purpose.PAYLOAD.value
+    padding: tuple[int, ...] | None = None
+
+    def up(self, worker: int) -> int:
+        return self.bytes_up[worker]
+
+    def down(self, worker: int) -> int:
+        if self.bytes_down is not None:
+            return self.bytes_down[worker]
+        if self.kind == "broadcast":
+            return sum(self.bytes_up) if self.bytes_up[worker] == 0 else 0
+        return sum(self.bytes_up) - self.bytes_up[worker] if self.kind == "allgather" else self.bytes_up[worker]
+
+    def pad(self, worker: int) -> int:
+        return self.padding[worker] if self.padding is not None else 0
+
+    def to_json(self) -> list:
+        return [self.kind, self.rounds, list(self.bytes_up), None if self.bytes_down is None else list(self.bytes_down),
+                self.purpose, None if self.padding is None else list(self.padding)]
+
+    @classmethod
+    def from_json(cls, item: list) -> WireRecord:
+        kind, rounds, up, *rest = item
+        down = rest[0] if len(rest) > 0 else None
+        purpose = rest[1] if len(rest) > 1 else Purpose.PAYLOAD.value
+        padding = rest[2] if len(rest) > 2 else None
+        return cls(kind, int(rounds), tuple(up), None if down is None else tuple(down), purpose,
+                   None if padding is None else tuple(padding))
+
+
+#: ``tamper(frame, step) -> frame``: what the fault injector does to this worker's outgoing frame.
+Tamper = Callable[[bytes], bytes]
+
+GATHER_MODES = ("padded", "direct")
+
+
+def _to_uint8(data: bytes, device: torch.device) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8, device=device)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes() if t.numel() else b""
+
+
+class Transport:
+    """Accounted collectives over four primitives that subclasses implement."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def __init__(self, gather: str = "padded") -> None:
+        if gather not in GATHER_MODES:
+            raise ValueError(f"gather mode {gather!r} is unknown; choose one of: {', '.join(GATHER_MODES)}")
+        self.gather = gather
+        self.records: list[WireRecord] = []
+        self.tamper: Tamper | None = None
+
+    # -- primitives ------------------------------------------------------------------------------------
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Equal-size tensors from every worker, in rank order."""
+        raise NotImplementedError
+
+    def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
+        """``chunks[j]`` to worker j; returns what each worker sent to this one (uint8, sizes known)."""
+        raise NotImplementedError
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- accounted operations --------------------------------------------------------------------------
+    def record(self, rec: WireRecord) -> None:
+        self.records.append(rec)
+
+    def take_records(self) -> list[WireRecord]:
+        out, self.records = self.records, []
+        return out
+
+    def all_reduce_sum(self, tensor: torch.Tensor, purpose: Purpose = Purpose.PAYLOAD) -> torch.Tensor:
+        out = self._all_reduce(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        self.record(WireRecord("allreduce", 1, (nbytes,) * self.world, purpose=Purpose(purpose).value))
+        return out
+
+    def _sizes(self, n: int) -> list[int]:
+        size = torch.tensor([n], dtype=torch.int64, device=self.device)
+        sizes = [int(s.item()) for s in self._all_gather(size)]
+        self.record(WireRecord("allgather", 1, (8,) * self.world, purpose=Purpose.CONTROL.value))
+        return sizes
+
+    def all_gather_bytes(self, data: bytes, purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
+        if self.tamper is not None and purpose is Purpose.PAYLOAD:
+            data, self.tamper = self.tamper(data), None
+        lengths = self._sizes(len(data))
+        if self.world == 1:
+            return [data]
+        if self.gather == "direct":
+            chunks = [_to_uint8(data if j != self.rank else b"", self.device) for j in range(self.world)]
+            recv = [n if w != self.rank else 0 for w, n in enumerate(lengths)]
+            got = self._all_to_all(chunks, recv)
+            self.record(WireRecord("alltoall", 1, tuple((self.world - 1) * n for n in lengths),
+                                   tuple(sum(lengths) - n for n in lengths), purpose=Purpose(purpose).value))
+            return [data if w == self.rank else _to_bytes(t) for w, t in enumerate(got)]
+        longest = max(lengths)
+        buf = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        if data:
+            buf[: len(data)] = _to_uint8(data, self.device)
+        outs = self._all_gather(buf)
+        self.record(WireRecord("allgather", 1, (longest,) * self.world, purpose=Purpose(purpose).value,
+                               padding=tuple(longest - n for n in lengths)))
+        return [_to_bytes(o[:n]) for o, n in zip(outs, lengths)]
+
+    def all_to_all_bytes(self, chunks: list[bytes], purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
+        """Send ``chunks[j]`` to worker j; return what every worker sent to this one (by source)."""
+        if len(chunks) != self.world:
+            raise ValueError(f"all_to_all_bytes needs one chunk per worker ({self.world}), got {len(chunks)}")
+        row = torch.tensor([len(c) for c in chunks], dtype=torch.int64, device=self.device)
+        matrix = [[int(v) for v in r.tolist()] for r in self._all_gather(row)]  # matrix[src][dst]
+        self.record(WireRecord("allgather", 1, (8 * self.world,) * self.world, purpose=Purpose.CONTROL.value))
+        recv = [matrix[src][self.rank] for src in range(self.world)]
+        got = self._all_to_all([_to_uint8(c, self.device) for c in chunks], recv)
+        sent = tuple(sum(n for dst, n in enumerate(matrix[w]) if dst != w) for w in range(self.world))
+        received = tuple(sum(matrix[src][w] for src in range(self.world) if src != w) for w in range(self.world))
+        self.record(WireRecord("alltoall", 1, sent, received, purpose=Purpose(purpose).value))
+        return [_to_bytes(t) for t in got]
+
+    def broadcast(self, tensors: list[torch.Tensor], src: int, purpose: Purpose = Purpose.STATE) -> None:
+        """Overwrite ``tensors`` on every worker with the source's values (one flat buffer per dtype)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        total = 0
+        for dtype, ts in by_dtype.items():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(self.device)
+            flat = self._broadcast(flat, src)
+            total += flat.numel() * flat.element_size()
+            offset = 0
+            for t in ts:
+                t.data.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.device))
+                offset += t.numel()
+        up = tuple(total if w == src else 0 for w in range(self.world))
+        self.record(WireRecord("broadcast", 1, up, purpose=Purpose(purpose).value))
+
+
+class TorchTransport(Transport):
+    """torch.distributed collectives on a process group (the default one unless ``group`` is given)."""
+
+    def __init__(self, device: torch.device | None = None, group: Any = None, gather: str = "padded") -> None:
+        import torch.distributed as dist
+
+        super().__init__(gather)
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError("the NCCL backend needs a CUDA device for its collectives")
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.to(self.device).clone() if t.device != self.device else t.clone()
+        self.dist.all_reduce(out, group=self.group)
+        return out.to(t.device)
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        t = t.to(self.device)
+        outs = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(outs, t, group=self.group)
+        return outs
+
+    def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
+        send_sizes = [c.numel() for c in chunks]
+        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=self.device)
+        data = torch.cat(chunks).to(self.device) if chunks else torch.zeros(0, dtype=torch.uint8, device=self.device)
+        self.dist.all_to_all_single(out, data, recv_sizes, send_sizes, group=self.group)
+        return list(torch.split(out, recv_sizes))
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        t = t.to(self.device).contiguous()
+        self.dist.broadcast(t, src=src, group=self.group)
+        return t
+
+
+class LocalHub:
+    """``world`` workers as threads of one process, meeting at a barrier: a real collective, in memory.
+
+    Every worker combines the deposited tensors in rank order, so all of them get bit-identical results.
+    ``on_primitive(rank, op, nbytes_sent)`` (optional) is told what each worker hands to each primitive:
+    tests count the bytes there, below the transport's own accounting.
+    """
+
+    def __init__(self, world: int, timeout_s: float = 60.0,
+                 on_primitive: Callable[[int, str, int], None] | None = None) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=timeout_s)
+        self.slots: list = [None] * world
+        self.on_primitive = on_primitive
+
+    def transport(self, rank: int, gather: str = "padded") -> LocalTransport:
+        return LocalTransport(self, rank, gather)
+
+    def exchange(self, rank: int, item: Any) -> list:
+        self.slots[rank] = item
+        self.barrier.wait()
+        items = list(self.slots)
+        self.barrier.wait()
+        return items
+
+
+class LocalTransport(Transport):
+    def __init__(self, hub: LocalHub, rank: int, gather: str = "padded") -> None:
+        super().__init__(gather)
+        self.hub, self.rank, self.world = hub, rank, hub.world
+        self.device = torch.device("cpu")
+
+    def _count(self, op: str, nbytes: int) -> None:
+        if self.hub.on_primitive is not None:
+            self.hub.on_primitive(self.rank, op, nbytes)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self._count("all_reduce", t.numel() * t.element_size())
+        items = self.hub.exchange(self.rank, t.detach().clone())
+        out = items[0].clone()
+        for x in items[1:]:
+            out += x.to(out.device)
+        return out.to(t.device)
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self._count("all_gather", t.numel() * t.element_size())
+        return [x.clone() for x in self.hub.exchange(self.rank, t.detach().clone())]
+
+    def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
+        self._count("all_to_all", sum(c.numel() for j, c in enumerate(chunks) if j != self.rank))
+        items = self.hub.exchange(self.rank, [c.detach().clone() for c in chunks])
+        return [items[w][self.rank] for w in range(self.world)]
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        self._count("broadcast", t.numel() * t.element_size() if self.rank == src else 0)
+        items = self.hub.exchange(self.rank, t.detach().clone() if self.rank == src else None)
+        return items[src].clone()
+
+
+def run_local(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
+              hub: LocalHub | None = None, gather: str = "padded") -> list:
+    """Run ``fn(transport, *args)`` on ``world`` threads joined by a :class:`LocalHub`; return the results."""
+    hub = hub or LocalHub(world, timeout_s)
+    results: list = [None] * world
+    errors: list = []
+
+    def work(rank: int) -> None:
+        try:
+            results[rank] = fn(hub.transport(rank, gather), *args)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return results
