@@ -1,4 +1,4 @@
-"""Unreliable workers (DESIGN.md §2 rayq.faults): a seeded, reproducible fault plan and its injectors.
+"""Unreliable workers: a seeded, reproducible fault plan and its injectors.
 
 A :class:`FaultPlan` says, for every worker and step (a collective step, or a volunteer round), what goes
 wrong. Its sources:
@@ -15,17 +15,20 @@ wrong. Its sources:
     state (error feedback, §16) and takes the current model.
   - ``straggle`` by ``factor`` from ``step`` (null: the start) for ``duration`` steps — its compute time
     is multiplied in simulated time; past the deadline its contribution is dropped.
-  - ``delay`` — its reply is held back ``seconds`` of real time (the aggregator's real deadline).
+  - ``delay`` — its reply is held back ``seconds`` (real time in collective mode: everyone waits;
+    simulated time in volunteer mode: past the round's deadline it is dropped).
   - ``lose`` / ``corrupt`` — its payload of that step is lost, or has a byte flipped (the receiver's
-    ``PacketError`` drops it).
+    ``PacketError`` drops it). With a ``duration`` (also for ``delay``) it is a **partition**: the
+    worker is cut off for that many steps while it keeps computing, then heals and resynchronises
+    (it resets its codec state and takes the current model, as on a rejoin).
 * **the node profile** (``faults.from_profile``, ``cluster:``): straggling per step with the node's
   ``straggler_prob`` and ``straggler_slowdown``; in volunteer mode also churn in simulated seconds —
   first arrival at ``join_at``, online sessions ~ Exp(``session_mean``), offline gaps ~
   Exp(``rejoin_delay``; null: never comes back).
 * ``faults.packet_loss`` / ``packet_corruption`` — a probability per worker and step.
 
-Every draw comes from a generator seeded by ``(seed, worker, step, purpose)`` (ALGORITHMS.md §16.5): the
-plan is reproducible from its seed and independent of the order of queries and of the number of workers.
+Every draw comes from a generator seeded by ``(seed, worker, step, purpose)``: the plan is reproducible from
+its seed and independent of the order of queries and of the number of workers.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rayq.config import ConfigError
+from rayq.schema import ConfigError
 
 if TYPE_CHECKING:
     from rayq.config import RunConfig
@@ -84,13 +87,20 @@ class FaultEvent:
     seconds: float = 0.0
 
     def covers(self, step: int) -> bool:
-        """Whether a window event (leave, straggle) is in force at ``step``."""
+        """Whether a window event (leave, straggle, a partition) is in force at ``step``."""
         start = self.step or 0
+        if self.kind in (FaultKind.LOSE, FaultKind.CORRUPT, FaultKind.DELAY):
+            return start <= step < start + (self.duration or 1)
         return start <= step and (self.duration is None or step < start + self.duration)
+
+    @property
+    def partition(self) -> bool:
+        """A lose / corrupt / delay that lasts a span (its end is a heal: the worker resynchronises)."""
+        return self.kind in (FaultKind.LOSE, FaultKind.CORRUPT, FaultKind.DELAY) and self.duration is not None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind.value, "worker": self.worker, "step": self.step}
-        if self.kind in (FaultKind.LEAVE, FaultKind.STRAGGLE):
+        if self.kind in (FaultKind.LEAVE, FaultKind.STRAGGLE) or self.partition:
             out["duration"] = self.duration
         if self.kind is FaultKind.STRAGGLE:
             out["factor"] = self.factor
@@ -208,14 +218,24 @@ class FaultPlan:
 
     def packet_fault(self, worker: int, step: int) -> FaultKind | None:
         """``lose`` or ``corrupt`` when ``worker``'s payload of ``step`` is lost or damaged, else None."""
-        for e in self.at(step):
-            if e.worker == worker and e.kind in (FaultKind.LOSE, FaultKind.CORRUPT):
+        for e in self.events:
+            if e.worker == worker and e.kind in (FaultKind.LOSE, FaultKind.CORRUPT) and e.covers(step):
                 return e.kind
         if self.packet_loss and _rng(self.seed, worker, step, _LOSS).random() < self.packet_loss:
             return FaultKind.LOSE
         if self.packet_corruption and _rng(self.seed, worker, step, _CORRUPTION).random() < self.packet_corruption:
             return FaultKind.CORRUPT
         return None
+
+    def delay_s(self, worker: int, step: int) -> float:
+        """Seconds ``worker``'s reply of ``step`` is held back (0: none)."""
+        return max([e.seconds for e in self.events if e.kind is FaultKind.DELAY and e.worker == worker
+                    and e.covers(step)], default=0.0)
+
+    def heals(self, worker: int, step: int) -> bool:
+        """A partition of ``worker`` ended just before ``step``: it resynchronises now."""
+        return any(e.partition and e.worker == worker and (e.step or 0) + (e.duration or 0) == step
+                   for e in self.events)
 
     def online(self, worker: int, t: float) -> bool:
         """Churn: whether ``worker`` is online at simulated time ``t`` (always, without churn)."""
@@ -267,49 +287,6 @@ def corrupt_bytes(data: bytes, seed: int, worker: int, step: int) -> bytes:
     return bytes(buf)
 
 
-# ---------------------------------------------------------------------------------------- config checks
-
-
-def check_config(cfg: RunConfig, prefix: str = "") -> None:
-    """Cross-field checks of ``faults`` and ``volunteer`` against the run (called by ``RunConfig.validate``)."""
-    from compressors import CodecError, Kind, make_codec
-
-    events = cfg.faults.events
-    for i, e in enumerate(events):
-        if e.worker is not None and e.worker >= cfg.workers:
-            raise ConfigError(f"{prefix}faults.events[{i}].worker={e.worker!r} is invalid; expected a worker index "
-                              f"< workers ({cfg.workers})")
-    if cfg.trainer == "sync":
-        kinds = {e.kind for e in events}
-        crashes = [i for i, e in enumerate(events) if e.kind in ("crash", "kill")]
-        if crashes and cfg.max_failures == 0:
-            raise ConfigError(f"{prefix}faults.events[{crashes[0]}] crashes a worker but max_failures=0, so the run "
-                              "would fail; set max_failures >= 1 (each crash restarts the group from its checkpoint)")
-        packets = kinds & {"lose", "corrupt"} or cfg.faults.packet_loss or cfg.faults.packet_corruption
-        if packets:
-            try:
-                linear = make_codec(cfg.compression.codec, cfg.compression.params).kind is Kind.LINEAR
-            except CodecError:
-                linear = False
-            if linear or cfg.compression.strategy not in ("auto", "allgather") or cfg.sync.schedule != "every_step":
-                raise ConfigError(f"{prefix}faults: lost or corrupted packets in collective mode are injected into the "
-                                  "all-gathered frames of a gather codec; they need a gather codec (e.g. qsgd), "
-                                  "compression.strategy auto or allgather, and sync.schedule=every_step "
-                                  f"(got codec {cfg.compression.codec!r}, strategy {cfg.compression.strategy!r}, "
-                                  f"schedule {cfg.sync.schedule!r})")
-        in_band = kinds & {"leave"} or (cfg.faults.deadline > 0)
-        if in_band and cfg.sync.schedule not in ("every_step", "laq"):
-            raise ConfigError(f"{prefix}faults: leave events and deadlines are handled in-band by gradient averaging; "
-                              f"sync.schedule={cfg.sync.schedule!r} is invalid with them; choose one of: every_step, laq")
-    if cfg.trainer == "volunteer":
-        v = cfg.volunteer
-        if v.actors is not None and v.actors > cfg.workers:
-            raise ConfigError(f"{prefix}volunteer.actors={v.actors!r} is invalid; expected 1..workers ({cfg.workers}) "
-                              "host actors for the peers")
-        if cfg.use_gpu:
-            raise ConfigError(f"{prefix}use_gpu=True is invalid with trainer volunteer; its peers run on CPU")
-
-
 # ---------------------------------------------------------------------------------------- collective mode
 
 
@@ -324,31 +301,25 @@ class StepFaults:
     left: list[int] = field(default_factory=list)      # went away at this step
     rejoined: list[int] = field(default_factory=list)  # back at this step
     late: list[int] = field(default_factory=list)      # straggled past the deadline: contribution dropped
+    damaged: dict[int, str] = field(default_factory=dict)  # worker -> "lose" / "corrupt": its payload this step
+    healed: list[int] = field(default_factory=list)    # a partition ended: resynchronises now
 
-    def rescale(self, averaged: dict[str, Any]) -> dict[str, Any]:
-        """A mean over all workers (zeros for the absent) → the mean over the present ones (LAQ)."""
-        n = sum(self.present)
-        if n in (0, len(self.present)):
-            return averaged
-        return {k: v * (len(self.present) / n) for k, v in averaged.items()}
+    @property
+    def resync(self) -> list[int]:
+        """Workers that reset their codec state and take the current model at this step."""
+        return sorted(set(self.rejoined) | set(self.healed))
+
+    @property
+    def source(self) -> int | None:
+        """The worker the resynchronising ones take the model from: the lowest present one that holds it."""
+        return next((w for w in range(len(self.present)) if self.present[w] and w not in self.resync), None)
 
 
-class FaultyTransport:
-    """Wraps a transport; when armed, this worker's next all-gathered frame is lost (sent empty) or corrupted."""
-
-    def __init__(self, inner: Any, seed: int) -> None:
-        self.inner, self.seed = inner, seed
-        self.armed: tuple[FaultKind, int] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        if self.armed is not None:
-            kind, step = self.armed
-            self.armed = None
-            data = b"" if kind is FaultKind.LOSE else corrupt_bytes(data, self.seed, self.inner.rank, step)
-        return self.inner.all_gather_bytes(data)
+def tamper(kind: FaultKind, seed: int, worker: int, step: int):
+    """What the transport does to ``worker``'s outgoing frame of ``step``: send nothing, or flip a byte."""
+    def apply(data: bytes) -> bytes:
+        return b"" if kind is FaultKind.LOSE else corrupt_bytes(data, seed, worker, step)
+    return apply
 
 
 class CollectiveFaults:
@@ -367,19 +338,10 @@ class CollectiveFaults:
         self.deadline, self.restart_s, self.log = deadline, restart_s, log
         self.start_step = start_step
         self.fired = read_fired(self.run_dir)
-        self.transport: FaultyTransport | None = None
         self.dropped = 0
         self.recovery_s = 0.0
         self.sim_recovery_s = 0.0
         self._pending_recovery: dict[str, Any] | None = None
-
-    def wrap(self, transport: Any) -> Any:
-        """The transport to use: wrapped when the plan can lose or corrupt packets."""
-        if self.plan.packet_loss or self.plan.packet_corruption or any(
-                e.kind in (FaultKind.LOSE, FaultKind.CORRUPT) for e in self.plan.events):
-            self.transport = FaultyTransport(transport, self.plan.seed)
-            return self.transport
-        return transport
 
     def resumed(self, source: str | None, clock: Any = None, ef_norm: float | None = None) -> None:
         """After a restart: log what the crash cost and charge it to the simulated clock."""
@@ -399,8 +361,9 @@ class CollectiveFaults:
             self.log.log(self.start_step, "restart", crash["worker"], detail, crash_step=crash["step"],
                          restart_wall_s=time.time() - crash["wall_time"], ef_residual_norm=ef_norm)
 
-    def begin(self, step: int, sim_time: float | None = None) -> StepFaults:
-        """Apply the plan at the start of ``step``: crash or delay this worker, and say who contributes."""
+    def begin(self, step: int, sim_time: float | None = None, transport: Any = None) -> StepFaults:
+        """Apply the plan at the start of ``step``: crash or delay this worker, arm ``transport`` to lose or
+        corrupt this worker's payload, and say who contributes."""
         if self._pending_recovery is not None and step >= self._pending_recovery["step"]:
             lost = time.time() - self._pending_recovery["wall_time"]
             self.recovery_s += lost
@@ -417,14 +380,16 @@ class CollectiveFaults:
                                  "group from the last checkpoint", time_s=sim_time)
                 if e.worker == self.rank:
                     self._crash(e, step, sim_time)
-            elif e.kind is FaultKind.DELAY:
-                if self.log is not None:
-                    self.log.log(step, "delay", e.worker, f"reply held back {e.seconds:g} s (everyone waits)")
-                if e.worker == self.rank:
-                    time.sleep(e.seconds)
+            elif e.kind is FaultKind.DELAY and self.log is not None:
+                span = f" for {e.duration} steps" if e.duration else ""
+                self.log.log(step, "delay", e.worker, f"reply held back {e.seconds:g} s{span} (everyone waits)")
             elif self.log is not None and e.kind is not FaultKind.LEAVE:
                 extra = f" x{e.factor:g} for {e.duration or 'all'} steps" if e.kind is FaultKind.STRAGGLE else ""
+                extra += f": partition for {e.duration} steps" if e.partition else ""
                 self.log.log(step, e.kind.value, e.worker, f"planned{extra}", time_s=sim_time)
+        wait = self.plan.delay_s(self.rank, step)
+        if wait > 0:
+            time.sleep(wait)
         view = self._view(step)
         if self.log is not None:
             for w in view.left:
@@ -433,15 +398,18 @@ class CollectiveFaults:
                 self.log.log(step, "leave", w, f"away {back}; its contribution is weighted zero", time_s=sim_time)
             for w in view.rejoined:
                 self.log.log(step, "rejoin", w, "reset its codec state and took the current model", time_s=sim_time)
+            for w in view.healed:
+                self.log.log(step, "heal", w, "partition over: reset its codec state and took the current model",
+                             time_s=sim_time)
             for w in view.late:
                 self.log.log(step, "late", w, f"straggling x{view.slowdown[w]:g} past the deadline "
                              f"({self.deadline:g} x median): contribution dropped", time_s=sim_time)
             stragglers = [w for w in range(self.world) if self.plan.profile_straggles(w, step)]
             for w in stragglers:
                 self.log.log(step, "straggle", w, f"profile draw x{view.slowdown[w]:g}", quiet=True, time_s=sim_time)
-        fault = self.plan.packet_fault(self.rank, step) if view.weights[self.rank] > 0 else None
-        if self.transport is not None:
-            self.transport.armed = (fault, step) if fault is not None else None
+        fault = view.damaged.get(self.rank)
+        if transport is not None:
+            transport.tamper = tamper(FaultKind(fault), self.plan.seed, self.rank, step) if fault else None
         return view
 
     def _view(self, step: int) -> StepFaults:
@@ -454,38 +422,29 @@ class CollectiveFaults:
         late = [w for w in range(self.world)
                 if present[w] and self.deadline > 0 and times[w] > self.deadline * median * (1 + 1e-12)]
         weights = [1.0 if present[w] and w not in late else 0.0 for w in range(self.world)]
+        damaged = {}
+        for w in range(self.world):
+            fault = self.plan.packet_fault(w, step) if weights[w] > 0 else None
+            if fault is not None:
+                damaged[w] = fault.value
         return StepFaults(step, present, weights, slow,
                           left=[w for w in range(self.world) if before[w] and not present[w]],
-                          rejoined=[w for w in range(self.world) if present[w] and not before[w]], late=late)
-
-    def apply_churn(self, view: StepFaults, model: Any, policy: Any, laq: Any = None) -> None:
-        """Departed workers' LAQ references are removed; a rejoining worker resets its codec state and takes the
-        current model (a broadcast from the lowest present rank; every worker calls it)."""
-        import torch.distributed as dist
-
-        if laq is not None:
-            for w in view.left:
-                laq.reset_worker(w)
-        if not view.rejoined:
-            return
-        if self.rank in view.rejoined:
-            policy.reset()
-        source = next((w for w in range(self.world) if view.present[w] and w not in view.rejoined), None)
-        if source is not None and dist.is_initialized():
-            for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-                dist.broadcast(t.data, src=source)
+                          rejoined=[w for w in range(self.world) if present[w] and not before[w]], late=late,
+                          damaged=damaged,
+                          healed=[w for w in range(self.world) if present[w] and self.plan.heals(w, step)])
 
     def advance_clock(self, clock: Any, view: StepFaults, compute_s: float, comm_s: float) -> None:
-        """Simulated time of the step: the contributors meet at the barrier; late stragglers and rejoiners then
-        join at the new time (they take the current model); the absent do not move."""
-        for w in view.rejoined:
+        """Simulated time of the step. The group's time is the barrier of the workers whose contributions
+        count; a straggler the deadline drops abandons its computation there and goes on from the barrier
+        with the current model (so a deadline does save time); the absent do not move."""
+        for w in view.resync:
             clock.join(w)
         for w in range(self.world):
-            if view.present[w]:
+            if view.present[w] and w not in view.late:
                 clock.compute(w, compute_s * view.slowdown[w])
-        clock.barrier(comm_s, [wt > 0 for wt in view.weights])
+        t = clock.barrier(comm_s, [wt > 0 for wt in view.weights])
         for w in view.late:
-            clock.join(w)
+            clock.abandon(w, t)
         clock.steps += 1
 
     def after_exchange(self, step: int, ledger: Any) -> None:

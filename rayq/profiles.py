@@ -24,7 +24,7 @@ Node parameters (units accepted in strings; numbers are SI: bits/s and seconds):
 * ``latency`` — one-way latency to a typical peer, >= 0: ``20ms``, ``50us``, ``0.5ms``.
 * ``speed_factor`` — multiplier on compute time, > 0: 1 = the machine that measured it, 2 = twice
   as slow (throughput ÷ 2). A lognormal throughput gives a lognormal speed factor (negate ``mu``).
-* ``client_mode`` — behind NAT / firewall: cannot accept connections, never aggregates (§8.3).
+* ``client_mode`` — behind NAT / firewall: cannot accept connections, never aggregates a butterfly shard (DeDLOC).
 * ``session_mean`` — mean of the exponential online session (``2h``); null = never leaves.
 * ``rejoin_delay`` — mean of the exponential offline time before rejoining; null = never rejoins.
 * ``join_at`` — simulated time of the node's first arrival (default 0).
@@ -54,11 +54,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-import rayq
-from rayq.config import ConfigError, _check, from_dict
+from rayq import resources
+from rayq.schema import ConfigError, check, from_dict
 from rayq.netsim import Link
 
-CLUSTERS_DIR = Path(rayq.__file__).resolve().parents[1] / "clusters"
+CLUSTERS_DIR = resources.directory("clusters")
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BANDWIDTH = re.compile(rf"^\s*(?P<num>{_NUM})\s*(?:(?P<prefix>[kKmMgGtT]?)(?P<unit>bits?/s|bits?|bps|b/s|b|"
@@ -97,7 +97,7 @@ def parse_bandwidth(value: Any, key: str = "bandwidth") -> float:
     if bps is None and isinstance(value, str) and (m := _BANDWIDTH.match(value)):
         scale = _PREFIX[(m["prefix"] or "").lower()] * (8.0 if (m["unit"] or "b")[0] == "B" else 1.0)
         bps = float(m["num"]) * scale
-    _check(bps is not None and math.isfinite(bps) and bps > 0, key, value, _BANDWIDTH_ALLOWED)
+    check(bps is not None and math.isfinite(bps) and bps > 0, key, value, _BANDWIDTH_ALLOWED)
     return bps
 
 
@@ -108,7 +108,7 @@ def parse_duration(value: Any, key: str = "duration", positive: bool = False) ->
         mul, div = _SECONDS[m["unit"]]
         seconds = float(m["num"]) * mul / div
     ok = seconds is not None and math.isfinite(seconds) and (seconds > 0 if positive else seconds >= 0)
-    _check(ok, key, value, f"seconds {'> 0' if positive else '>= 0'}: a number or a string like '20ms', '50us', '2h'")
+    check(ok, key, value, f"seconds {'> 0' if positive else '>= 0'}: a number or a string like '20ms', '50us', '2h'")
     return seconds
 
 
@@ -124,13 +124,13 @@ def _bounded(low: float, high: float, low_open: bool, allowed: str) -> Callable[
     def parse(value: Any, key: str) -> float:
         x = _number(value)
         ok = x is not None and (x > low if low_open else x >= low) and x <= high
-        _check(ok, key, value, allowed)
+        check(ok, key, value, allowed)
         return x
     return parse
 
 
 def _bool(value: Any, key: str) -> bool:
-    _check(isinstance(value, bool), key, value, "true or false")
+    check(isinstance(value, bool), key, value, "true or false")
     return value
 
 
@@ -215,34 +215,34 @@ class Dist:
             return cls(kind, p=_bounded(0.0, 1.0, False, "a probability in [0, 1]")(need("p"), f"{path}.p"))
         if kind == "choice":
             raw = need("values")
-            _check(isinstance(raw, list) and len(raw) > 0, f"{path}.values", raw, "a non-empty list")
+            check(isinstance(raw, list) and len(raw) > 0, f"{path}.values", raw, "a non-empty list")
             values = tuple(param.parse(v, f"{path}.values[{i}]") for i, v in enumerate(raw))
             weights = spec.get("weights", [1.0] * len(values))
             ws = [_number(w) for w in weights] if isinstance(weights, list) else []
             ok = len(ws) == len(values) and all(w is not None and w >= 0 for w in ws) and sum(ws) > 0
-            _check(ok, f"{path}.weights", weights, f"{len(values)} numbers >= 0 with a positive sum")
+            check(ok, f"{path}.weights", weights, f"{len(values)} numbers >= 0 with a positive sum")
             return cls(kind, values=values, weights=tuple(ws))
         if kind in ("uniform", "loguniform"):
             low, high = value("low"), value("high")
-            _check(high >= low, f"{path}.high", spec["high"], f"a value >= low ({spec['low']!r})")
+            check(high >= low, f"{path}.high", spec["high"], f"a value >= low ({spec['low']!r})")
             if kind == "loguniform":
-                _check(low > 0, f"{path}.low", spec["low"], "a value > 0 (loguniform)")
+                check(low > 0, f"{path}.low", spec["low"], "a value > 0 (loguniform)")
             return cls(kind, low=low, high=high)
         if ("mu" in spec) == ("median" in spec):
             raise ConfigError(f"{path}: dist lognormal needs exactly one of mu (of ln value) or median")
         if "median" in spec:
             median = value("median")
-            _check(median > 0, f"{path}.median", spec["median"], "a value > 0")
+            check(median > 0, f"{path}.median", spec["median"], "a value > 0")
             mu = math.log(median)
         else:
             mu = _number(spec["mu"])
-            _check(mu is not None, f"{path}.mu", spec["mu"], "a number (mean of ln value in SI units)")
+            check(mu is not None, f"{path}.mu", spec["mu"], "a number (mean of ln value in SI units)")
         sigma = _number(need("sigma"))
-        _check(sigma is not None and sigma >= 0, f"{path}.sigma", spec["sigma"], "a number >= 0")
+        check(sigma is not None and sigma >= 0, f"{path}.sigma", spec["sigma"], "a number >= 0")
         lo = value("min") if "min" in spec else None
         hi = value("max") if "max" in spec else None
         if lo is not None and hi is not None:
-            _check(hi >= lo, f"{path}.max", spec["max"], f"a value >= min ({spec['min']!r})")
+            check(hi >= lo, f"{path}.max", spec["max"], f"a value >= min ({spec['min']!r})")
         for bound, extreme, key in ((lo, 1e-300, "min"), (hi, 1e300, "max")):
             if bound is None:
                 try:
@@ -315,7 +315,7 @@ class NodeEntry(NodeValues):
     count: int = 1
 
     def validate(self, path: str) -> None:
-        _check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
+        check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
         _parse_values(self, path)
 
 
@@ -459,7 +459,9 @@ _TOP_KEYS = tuple(f.name for f in dataclasses.fields(ProfileSpec))
 
 def profile_names() -> list[str]:
     """Names of the profiles shipped in ``clusters/`` (bare or run-config shaped)."""
-    names = []
+    names: list[str] = []
+    if CLUSTERS_DIR is None:
+        return names
     for p in sorted(CLUSTERS_DIR.glob("*.y*ml")):
         try:
             data = yaml.safe_load(p.read_text())
@@ -481,7 +483,7 @@ def _resolve(source: str | Path) -> Path:
     p = Path(source)
     if p.is_file():
         return p
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+", source):
+    if isinstance(source, str) and re.fullmatch(r"[\w.-]+", source) and CLUSTERS_DIR is not None:
         for ext in (".yaml", ".yml"):
             if (CLUSTERS_DIR / f"{source}{ext}").is_file():
                 return CLUSTERS_DIR / f"{source}{ext}"

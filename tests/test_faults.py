@@ -12,9 +12,10 @@ import torch
 
 from compressors import TensorInfo, make_codec
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, run_local
+from rayq.collective import CompressedGroup
+from rayq.transport import run_local
 from rayq.config import ConfigError, load_config
-from rayq.faults import FaultEvent, FaultKind, FaultPlan, FaultyTransport, corrupt_bytes
+from rayq.faults import FaultEvent, FaultKind, FaultPlan, corrupt_bytes, tamper
 from rayq.profiles import load_profile
 
 SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (64,), "fc2.weight": (10, 64)}
@@ -51,9 +52,10 @@ SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (64,), "fc2.weight": (10, 64)}
     (["faults.events=[{step: 3, worker: 1, kind: crash}]"],
      "faults.events[0] crashes a worker but max_failures=0, so the run would fail; set max_failures >= 1"),
     (["faults.events=[{step: 3, worker: 1, kind: corrupt}]", "compression.codec=fp16"],
-     "faults: lost or corrupted packets in collective mode are injected into the all-gathered frames of a gather codec"),
+     "faults.events[0] (corrupt) is invalid with compression.codec='fp16' under compression.strategy='auto': "
+     "lost or corrupted payloads are injected into all-gathered frames"),
     (["faults.events=[{step: 3, worker: 1, kind: leave}]", "sync.schedule=periodic"],
-     "sync.schedule='periodic' is invalid with them; choose one of: every_step, laq"),
+     "faults.events[0] is invalid with sync.schedule='periodic'"),
     (["volunteer.target_batch_size=0"], "volunteer.target_batch_size=0 is invalid; expected an integer >= 1"),
     (["trainer=volunteer", "volunteer.actors=5"], "volunteer.actors=5 is invalid; expected 1..workers (4)"),
     (["volunteer.sample_time_s=-1"], "volunteer.sample_time_s=-1.0 is invalid; expected simulated seconds > 0"),
@@ -165,10 +167,9 @@ def _grads(rank: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
 
 
-def _exchange(transport, codec: str, weights, tamper=None):
-    if tamper is not None and transport.rank == tamper[0]:
-        transport = FaultyTransport(transport, seed=0)
-        transport.armed = (tamper[1], 3)
+def _exchange(transport, codec: str, weights, damage=None):
+    if damage is not None and transport.rank == damage[0]:
+        transport.tamper = tamper(damage[1], 0, transport.rank, 3)
     group = CompressedGroup(Policy(codec, min_numel=0), transport, seed=1)
     avg, ledger = group.allreduce_mean(_grads(transport.rank), step=3, weights=weights)
     return avg, ledger.dropped

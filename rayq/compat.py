@@ -1,0 +1,227 @@
+"""Which combinations of codec, error feedback, schedule, strategy, trainer and faults work.
+
+Every rule here is a reason, not a taste: a combination that cannot give a correct result is refused
+before anything starts, with a message that names both halves and what is allowed. The rules read
+the codecs' own contract (kind, multi-round, carries scale, built-in error feedback), so a new codec
+is placed in the matrix by what it declares; :mod:`rayq.matrix` applies them to every cell of
+codec × error feedback × schedule × strategy × fault, for ``rayq codecs --matrix`` and the
+conformance tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from compressors import Codec, CodecError, Kind, make_codec
+
+if TYPE_CHECKING:
+    from rayq.config import RunConfig
+
+STRATEGIES = ("auto", "allreduce", "allgather", "two_phase")
+SCHEDULES = ("every_step", "periodic", "adaptive", "laq")
+#: Faults that change who contributes to a step, or what arrives.
+IN_BAND = ("leave", "deadline", "lose", "corrupt")
+
+
+def strategy_problem(codec: Codec, strategy: str) -> str | None:
+    """Why ``codec`` cannot be reduced with ``strategy`` (None when it can)."""
+    name = codec.name
+    if strategy not in STRATEGIES:
+        return f"compression.strategy={strategy!r} is not a strategy; choose one of: {', '.join(STRATEGIES)}"
+    if strategy == "allreduce" and codec.kind is Kind.GATHER:
+        return (f"codec {name!r} is gather-kind: its packets cannot be summed; strategy 'allreduce' is not "
+                "allowed; use auto, allgather or two_phase")
+    if strategy == "allgather" and codec.multi_round:
+        return (f"codec {name!r} is a multi-round linear codec: each round needs the sum over all workers "
+                "(its error feedback and warm start depend on it), so packets decoded one by one would be "
+                "wrong; strategy 'allgather' is not allowed; use auto or allreduce")
+    if strategy == "two_phase" and codec.multi_round:
+        return (f"codec {name!r} is a multi-round linear codec: its rounds need the sum over all workers, "
+                "so a shard owner cannot decode and re-encode it; strategy 'two_phase' is not allowed; "
+                "use auto or allreduce")
+    return None
+
+
+def gather_route(codec: Codec, strategy: str) -> bool:
+    """Whether ``codec`` travels in all-gathered frames (where a frame can be lost or dropped)."""
+    return strategy == "allgather" or (strategy == "auto" and codec.kind is Kind.GATHER)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The parts of a run config that decide compatibility."""
+
+    trainer: str
+    codecs: tuple[tuple[str, Codec], ...]      # (config key, codec) for the default and each override
+    error_feedback: bool
+    schedule: str
+    strategy: str
+    faults: frozenset[str]                     # fault kinds in force
+    fault_keys: dict[str, str]                 # fault kind -> the config key that brings it in
+    optimizer: str
+    momentum: float | None
+    nesterov: bool
+    use_gpu: bool
+
+    @classmethod
+    def of(cls, cfg: RunConfig, p: str = "") -> Setup:
+        c = cfg.compression
+        codecs = [(f"{p}compression.codec", make_codec(c.codec, c.params))]
+        codecs += [(f"{p}compression.overrides[{i}].codec", make_codec(o.codec, o.params))
+                   for i, o in enumerate(c.overrides)]
+        kinds: dict[str, str] = {}
+        for i, e in enumerate(cfg.faults.events):
+            kinds.setdefault(str(e.kind), f"{p}faults.events[{i}]")
+        if cfg.faults.deadline > 0:
+            kinds.setdefault("deadline", f"{p}faults.deadline={cfg.faults.deadline:g}")
+        if cfg.faults.packet_loss:
+            kinds.setdefault("lose", f"{p}faults.packet_loss={cfg.faults.packet_loss:g}")
+        if cfg.faults.packet_corruption:
+            kinds.setdefault("corrupt", f"{p}faults.packet_corruption={cfg.faults.packet_corruption:g}")
+        o = cfg.optimizer
+        return cls(cfg.trainer, tuple(codecs), c.error_feedback, cfg.sync.schedule, c.strategy, frozenset(kinds),
+                   kinds, o.name, o.momentum, o.nesterov, cfg.use_gpu)
+
+
+def problems(cfg: RunConfig, p: str = "") -> list[str]:
+    """Every reason ``cfg`` cannot run correctly (empty when it can), each naming both halves."""
+    try:
+        s = Setup.of(cfg, p)
+    except CodecError:
+        return []  # the codec's own validation reports it
+    out: list[str] = []
+    out += _codec_rules(s, p)
+    out += _schedule_rules(s, p)
+    out += _fault_rules(s, cfg, p)
+    out += _trainer_rules(s, cfg, p)
+    out += _optimizer_rules(s, p)
+    return out
+
+
+def _codec_rules(s: Setup, p: str) -> list[str]:
+    out = []
+    for key, codec in s.codecs:  # (codec × strategy is the compression section's own check)
+        if s.error_feedback and codec.builtin_error_feedback:
+            out.append(f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: it compensates "
+                       "its own error (built-in error feedback), so a second memory would count the error twice; "
+                       "set compression.error_feedback=false")
+        if s.error_feedback and not codec.carries_scale:
+            out.append(f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: the decoded value "
+                       "is a bare sign vote without the input's scale, so the residual u - D(C(u)) is meaningless; "
+                       "use codec ef_sign (the scaled sign) with error feedback, or sign without it")
+    return out
+
+
+def _schedule_rules(s: Setup, p: str) -> list[str]:
+    out = []
+    if s.schedule in ("periodic", "adaptive"):
+        for key, codec in s.codecs:
+            if not codec.carries_scale:
+                out.append(f"{p}sync.schedule={s.schedule!r} is invalid with {key}={codec.name!r}: model-delta "
+                           "averaging applies the decoded average as the update, and this codec decodes to ±1 "
+                           "without the delta's scale; choose a codec that carries scale (e.g. ef_sign, qsgd, int8)")
+    if s.schedule == "laq":
+        if s.error_feedback:
+            out.append(f"{p}sync.schedule='laq' is invalid with compression.error_feedback=true: LAQ's innovations "
+                       "(gradient minus the last upload) already carry the quantisation error forward, so error "
+                       "feedback would count it twice; set compression.error_feedback=false")
+        if s.strategy not in ("auto", "allgather"):
+            out.append(f"{p}sync.schedule='laq' is invalid with compression.strategy={s.strategy!r}: every receiver "
+                       "keeps each worker's last upload, so every packet must be decoded as sent; choose auto or "
+                       "allgather")
+        for key, codec in s.codecs:
+            if codec.multi_round:
+                out.append(f"{p}sync.schedule='laq' is invalid with {key}={codec.name!r}: LAQ uploads each worker's "
+                           "innovation on its own, and this codec's rounds need the sum over all workers; choose a "
+                           "single-round codec (laq is LAQ's own quantiser)")
+            elif not codec.carries_scale:
+                out.append(f"{p}sync.schedule='laq' is invalid with {key}={codec.name!r}: the innovation's decoded "
+                           "value must approximate it, and this codec decodes to ±1 without scale; choose e.g. laq")
+    return out
+
+
+def _fault_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
+    out = []
+    if s.trainer == "volunteer":
+        return out
+    if {"crash", "kill"} & s.faults and cfg.max_failures == 0:
+        key = s.fault_keys.get("crash") or s.fault_keys["kill"]
+        out.append(f"{key} crashes a worker but {p}max_failures=0, so the run would fail; set max_failures >= 1 "
+                   "(each crash restarts the group from its checkpoint)")
+    for kind in ("leave", "deadline"):
+        if kind not in s.faults:
+            continue
+        key = s.fault_keys[kind]
+        what = "a worker that leaves" if kind == "leave" else "a worker the deadline drops"
+        if s.schedule in ("periodic", "adaptive"):
+            out.append(f"{key} is invalid with {p}sync.schedule={s.schedule!r}: {what} is handled by weighting its "
+                       "contribution to a step's gradient average, and local SGD averages models only every few "
+                       "steps without a per-step barrier; choose sync.schedule every_step or laq")
+        if s.strategy == "two_phase":
+            out.append(f"{key} is invalid with {p}compression.strategy='two_phase': every worker owns a shard that "
+                       f"the others wait for, so {what} would still hold up the group; choose auto or allgather")
+    for kind in ("lose", "corrupt"):
+        if kind not in s.faults:
+            continue
+        key = s.fault_keys[kind]
+        for ckey, codec in s.codecs:
+            if s.schedule != "laq" and not gather_route(codec, s.strategy):
+                out.append(f"{key} ({kind}) is invalid with {ckey}={codec.name!r} under {p}compression.strategy="
+                           f"{s.strategy!r}: lost or corrupted payloads are injected into all-gathered frames, which "
+                           "receivers drop; this codec's packets are summed in flight (or re-encoded by shard "
+                           "owners), where one lost packet would poison the sum; choose a gather codec with "
+                           "strategy auto, or compression.strategy=allgather")
+    return out
+
+
+def _trainer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
+    out = []
+    if s.trainer == "ddp":
+        if s.schedule != "every_step":
+            out.append(f"{p}trainer='ddp' is invalid with {p}sync.schedule={s.schedule!r}: DDP averages gradients "
+                       "inside every backward pass; choose trainer sync for other schedules")
+        if s.faults:
+            key = next(iter(sorted(s.fault_keys.values())))
+            out.append(f"{key} is invalid with {p}trainer='ddp': PyTorch's DDP hooks have no fault injection; "
+                       "choose trainer sync (or volunteer)")
+    if s.trainer == "volunteer":
+        if s.schedule != "every_step":
+            out.append(f"{p}trainer='volunteer' is invalid with {p}sync.schedule={s.schedule!r}: a DeDLOC round "
+                       "averages the peers' gradients once per global step; choose sync.schedule every_step")
+        if s.strategy != "auto":
+            out.append(f"{p}trainer='volunteer' is invalid with {p}compression.strategy={s.strategy!r}: volunteer "
+                       "rounds decode each peer's payload (gather codecs) or average them (linear ones) by their "
+                       "kind; leave compression.strategy=auto")
+        for key, codec in s.codecs:
+            if codec.multi_round:
+                out.append(f"{p}trainer='volunteer' is invalid with {key}={codec.name!r}: its rounds need an "
+                           "all-reduce over a fixed group, and volunteer payloads are decoded one peer at a time; "
+                           "choose a single-round codec")
+        if "deadline" in s.faults:
+            out.append(f"{s.fault_keys['deadline']} is invalid with {p}trainer='volunteer': volunteer rounds close "
+                       "on the simulated clock (volunteer.target_batch_size, matchmaking_s); faults.deadline is "
+                       "for the collective trainers")
+        v = cfg.volunteer
+        if v.actors is not None and v.actors > cfg.workers:
+            out.append(f"{p}volunteer.actors={v.actors!r} is invalid; expected 1..workers ({cfg.workers}) host "
+                       "actors for the peers")
+        if s.use_gpu:
+            out.append(f"{p}use_gpu=True is invalid with trainer volunteer; its peers run on CPU")
+    for i, e in enumerate(cfg.faults.events):
+        if e.worker is not None and e.worker >= cfg.workers:
+            out.append(f"{p}faults.events[{i}].worker={e.worker!r} is invalid; expected a worker index "
+                       f"< workers ({cfg.workers})")
+    return out
+
+
+def _optimizer_rules(s: Setup, p: str) -> list[str]:
+    out = []
+    if s.optimizer not in ("sgd",):
+        if s.momentum is not None:
+            out.append(f"{p}optimizer.momentum={s.momentum!r} is invalid with optimizer.name={s.optimizer!r}: "
+                       "it has no momentum buffer (Adam's moments are fixed at betas (0.9, 0.999)); leave it unset")
+        if s.nesterov:
+            out.append(f"{p}optimizer.nesterov=true is invalid with optimizer.name={s.optimizer!r}: only sgd has a "
+                       "Nesterov variant; leave it false")
+    return out
