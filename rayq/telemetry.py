@@ -1,4 +1,4 @@
-"""What a person looks at (DESIGN.md §2: rayq.telemetry): TensorBoard files, progress lines, a summary.
+"""What a person looks at: TensorBoard files, run events, traces; the launch layer prints progress and a summary.
 
 Rank 0 writes the TensorBoard event files under ``<run>/tensorboard``; the CLI prints progress lines
 it receives from rank 0 and a summary table at the end. Library code logs; only the CLI prints.
@@ -133,6 +133,6 @@ def read_trace(path: Path) -> tuple[list, dict[int, float]]:
         if "eval_step" in rec:
             evals[rec["eval_step"]] = rec["eval/accuracy"]
         else:
-            wire = tuple((k, r, tuple(b)) for k, r, b in rec["wire"])
+            wire = tuple(tuple(w) for w in rec["wire"])  # WireRecord JSON: kind, rounds, up, down?, purpose?, padding?
             steps[rec["step"]] = TraceStep(rec["step"], rec["compute_s"], wire)
     return [steps[k] for k in sorted(steps)], evals

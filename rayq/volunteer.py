@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from compressors import Kind, PacketError, TensorInfo, pack_frame, unpack_frame
 from compressors.base import Codec, mix_seed
-from compressors.error_feedback import ErrorFeedback
 from compressors.policy import Entry, Policy
 
 # ---------------------------------------------------------------------------------------- round schedule
@@ -259,7 +258,7 @@ class PeerHost:
             frame = corrupt_bytes(frame, self.cfg.seed, job.peer, job.round)  # type: ignore[arg-type]
         elif job.fault == "lose":
             frame = None
-        ef = sum(c.residual_norm() for c in policy.stateful_codecs().values() if isinstance(c, ErrorFeedback))
+        ef = policy.residual_norm()
         return Payload(job.peer, job.round, samples, frame, loss, t1 - t0, time.perf_counter() - t1, ef)
 
 

@@ -1,4 +1,4 @@
-"""Sync schedules (ALGORITHMS.md §4, §7): CPSGD/ADPSGD model averaging and LAQ, on in-process workers."""
+"""Schedules: CPSGD/ADPSGD model averaging and LAQ, on in-process workers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from compressors import TensorInfo, make_codec
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, run_local
-from rayq.sync import LAQ, Adaptive, ModelAverager, Periodic, SyncStats
+from rayq.collective import CompressedGroup
+from rayq.transport import run_local
+from rayq.faults import StepFaults
+from rayq.schedules import LAQ, Adaptive, EveryStep, ModelAverager, Periodic, Replica
 from rayq.tasks import load_digits_split, mlp
 
 TRAIN, TEST = load_digits_split()
@@ -30,6 +32,12 @@ def _shard(rank: int, world: int):
     return TRAIN.x[rank::world], TRAIN.y[rank::world]
 
 
+def _controller(**kw) -> Adaptive:
+    """An ADPSGD controller alone (no exchange): its ``observe`` is what is tested."""
+    model = torch.nn.Linear(2, 1)
+    return Adaptive(Replica(model, torch.optim.SGD(model.parameters(), lr=0.1)), None, **kw)
+
+
 # ------------------------------------------------------------------ CPSGD (T14)
 
 def _local_sgd(transport, period: int, steps: int, same_data: bool):
@@ -37,7 +45,7 @@ def _local_sgd(transport, period: int, steps: int, same_data: bool):
     params = list(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     group = CompressedGroup(Policy("none", min_numel=0), transport)
-    schedule, averager = Periodic(period), ModelAverager(group, params)
+    schedule = Periodic(Replica(model, opt), group, period)
     x, y = _shard(0 if same_data else transport.rank, transport.world)
     g = torch.Generator().manual_seed(transport.rank if not same_data else 0)
     out = {"bytes": 0, "syncs": 0, "variances": [], "post_sync_equal": []}
@@ -45,14 +53,12 @@ def _local_sgd(transport, period: int, steps: int, same_data: bool):
         idx = torch.randint(len(y), (32,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        if schedule.should_sync(step):
-            ledger, v = averager.sync(step)
-            schedule.observe(SyncStats(step, period, v))
-            out["bytes"] += ledger.bytes_up
+        outcome = schedule.step(step, None, measure=False)
+        if outcome.synced:
+            out["bytes"] += outcome.ledger.bytes_up
             out["syncs"] += 1
-            out["variances"].append(v)
-            out["packet_bytes"] = ledger.packet_bytes
+            out["variances"].append(schedule.variance)
+            out["packet_bytes"] = outcome.ledger.packet_bytes
         out["params"] = torch.cat([p.detach().reshape(-1) for _, p in params]).clone()
     return out
 
@@ -74,38 +80,43 @@ def test_cpsgd_replicas_are_identical_after_each_sync_and_bits_are_32d_per_sync(
 def test_identical_workers_have_zero_variance_and_the_adaptive_period_grows_to_its_maximum():
     results = run_local(2, _local_sgd, 3, 9, True)
     assert all(v < 1e-12 for r in results for v in r["variances"])
-    ada = Adaptive(period=2, p_min=1, p_max=16, kappa=1.0, omega=1.0, warmup=4)
+    ada = _controller(period=2, p_min=1, p_max=16, kappa=1.0, omega=1.0, warmup=4)
     step = 0
     for _ in range(10):
         step += ada.period
-        ada.observe(SyncStats(step - 1, ada.period, 0.0))
+        ada.observe(step - 1, 0.0)
     assert ada.period == 16
 
 
 def test_adaptive_controller_shortens_high_variance_periods_and_lengthens_low_ones():
-    ada = Adaptive(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
-    ada.observe(SyncStats(3, 4, 2.0))
-    ada.observe(SyncStats(7, 4, 2.0))  # warm-up: V_ref = 2
+    ada = _controller(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
+    ada.observe(3, 2.0)
+    ada.observe(7, 2.0)  # warm-up: V_ref = 2
     assert ada.period == 4
-    ada.observe(SyncStats(11, 4, 8.0))  # 4× the target: period / 4
+    ada.observe(11, 8.0)  # 4× the target: period / 4
     assert ada.period == 1
-    ada.observe(SyncStats(12, 1, 0.25))  # 1/8 of the target: period × 8
+    ada.observe(12, 0.25)  # 1/8 of the target: period × 8
     assert ada.period == 8
-    ada.observe(SyncStats(20, 8, 1e-9))
+    ada.observe(20, 1e-9)
     assert ada.period == 64  # clipped at p_max
-    restored = Adaptive(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
+    restored = _controller(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
     restored.load_state_dict(ada.state_dict())
-    assert restored.state_dict() == ada.state_dict()
+    mine, theirs = restored.state_dict(), ada.state_dict()
+    assert {k: v for k, v in mine.items() if k != "averager"} == {k: v for k, v in theirs.items() if k != "averager"}
 
 
 def test_outer_nesterov_step_is_diloco_update_of_the_averaged_delta():
     def run(transport):
-        p = torch.nn.Parameter(torch.zeros(3))
-        avg = ModelAverager(CompressedGroup(Policy("none"), transport), [("w", p)], outer_lr=0.5, outer_momentum=0.9)
+        model = torch.nn.Linear(3, 1, bias=False)
+        p = model.weight
         with torch.no_grad():
-            p.copy_(torch.tensor([1.0, 2.0, 3.0]) * (transport.rank + 1))
-        avg.sync(0)
-        return p.detach().clone()
+            p.zero_()
+        replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        avg = ModelAverager(replica, CompressedGroup(Policy("none"), transport), outer_lr=0.5, outer_momentum=0.9)
+        with torch.no_grad():
+            p.copy_(torch.tensor([[1.0, 2.0, 3.0]]) * (transport.rank + 1))
+        avg.sync(0, measure=False)
+        return p.detach().reshape(-1).clone()
 
     out = run_local(2, run)
     delta = torch.tensor([1.0, 2.0, 3.0]) * 1.5  # mean of the two deltas
@@ -132,11 +143,13 @@ def test_laq_quantizer_error_is_within_tau_r_and_codes_in_range(bits):
 def _laq_run(transport, xi: float, error_weight: float, steps: int, full_batch: bool, lr: float = 0.5,
              max_skips: int = 100, dense: bool = False):
     model = _model()
-    params = list(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    group = CompressedGroup(Policy("none", min_numel=0), transport)
-    laq = LAQ(group, [(n, p.numel()) for n, p in params], bits=4, xi=xi, error_weight=error_weight,
-              max_skips=max_skips)
+    replica = Replica(model, opt)
+    if dense:
+        schedule = EveryStep(replica, CompressedGroup(Policy("none", min_numel=0), transport))
+    else:  # LAQ's own 4-bit innovation quantiser on every tensor
+        group = CompressedGroup(Policy("laq", {"bits": 4}, min_numel=0), transport)
+        schedule = LAQ(replica, group, xi=xi, error_weight=error_weight, max_skips=max_skips)
     x, y = _shard(transport.rank, transport.world)
     g = torch.Generator().manual_seed(transport.rank)
     uploads, invariant, losses = 0, 0.0, []
@@ -145,21 +158,14 @@ def _laq_run(transport, xi: float, error_weight: float, steps: int, full_batch: 
         opt.zero_grad()
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
-        grads = {n: p.grad for n, p in params}
-        before = torch.cat([p.detach().reshape(-1) for _, p in params]).clone()
-        if dense:
-            avg, _ = group.allreduce_mean(grads, step)
-        else:
-            avg, _, up = laq.exchange(grads, step, lr)
-            uploads += int(up)
-            invariant = max(invariant, laq.invariant_error())
-        for n, p in params:
-            p.grad.copy_(avg[n])
-        opt.step()
-        laq.observe_params(float(((torch.cat([p.detach().reshape(-1) for _, p in params]) - before) ** 2).sum()))
+        schedule.step(step, None, measure=False)
+        if not dense:
+            uploads += int(schedule.state.skips == 0)  # this worker uploaded this round
+            invariant = max(invariant, schedule.invariant_error())
         losses.append(loss.item())
     full_loss = float(F.cross_entropy(model(TRAIN.x), TRAIN.y))
-    return {"uploads": uploads, "invariant": invariant, "loss": full_loss, "state": laq.state}
+    return {"uploads": uploads, "invariant": invariant, "loss": full_loss,
+            "state": None if dense else schedule.state}
 
 
 def test_laq_server_aggregate_always_equals_the_sum_of_worker_references():
@@ -199,10 +205,11 @@ def test_laq_departed_worker_reference_is_removed_from_the_aggregate():
 
     results = run_local(2, run)
     state = results[0]["state"]
-    group = CompressedGroup(Policy("none"), type("T", (), {"rank": 0, "world": 2})())
-    laq = LAQ(group, [("w", state.aggregate.numel())])
+    model = _model()
+    group = CompressedGroup(Policy("laq", min_numel=0), type("T", (), {"rank": 0, "world": 2})())
+    laq = LAQ(Replica(model, torch.optim.SGD(model.parameters(), lr=0.1)), group)
     laq.state = state
-    laq.reset_worker(1)
+    laq.resync(StepFaults(5, [True, False], [1.0, 0.0], [1.0, 1.0], left=[1]))
     torch.testing.assert_close(laq.state.aggregate, state.refs[0], rtol=0, atol=1e-5)
     assert float(laq.state.refs[1].abs().sum()) == 0.0
 
@@ -211,28 +218,24 @@ def test_laq_departed_worker_reference_is_removed_from_the_aggregate():
 
 def _periodic_run(transport, adaptive: bool, period: int, steps: int = 600, lr: float = 0.1):
     model = _model()
-    params = list(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     group = CompressedGroup(Policy("none", min_numel=0), transport)
-    schedule = (Adaptive(period, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=100) if adaptive
-                else Periodic(period))
-    averager = ModelAverager(group, params)
+    replica = Replica(model, opt)
+    schedule = (Adaptive(replica, group, period, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=100) if adaptive
+                else Periodic(replica, group, period))
     x, y = _shard(transport.rank, transport.world)
     g = torch.Generator().manual_seed(transport.rank)
     periods = []
     for step in range(steps):
         decay = (0.5 if step >= steps // 2 else 1.0) * (0.5 if step >= 3 * steps // 4 else 1.0)
         for group_ in opt.param_groups:
-            group_["lr"] = lr * decay  # the LR schedule counts global steps (§7.3)
+            group_["lr"] = lr * decay  # the LR schedule counts global steps
         idx = torch.randint(len(y), (16,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        if schedule.should_sync(step):
-            _, v = averager.sync(step)
-            schedule.observe(SyncStats(step, schedule.period, v))
+        if schedule.step(step, None, measure=False).synced:
             periods.append(schedule.period)
-    averager.sync(steps)  # end on a common model
+    schedule.averager.sync(steps, measure=False)  # end on a common model
     with torch.no_grad():
         loss = float(F.cross_entropy(model(TRAIN.x), TRAIN.y))
     return schedule.syncs, loss, periods

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rayq.errors import NonFiniteGradientError
 from trainers import sync
 
 
@@ -19,7 +20,7 @@ def train_loop(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             results.append(sync.train_loop({"config": run["config"], "run_dir": run["run_dir"],
                                             "progress": loop_config.get("progress"), "fresh": True}))
-        except sync.NonFiniteGradientError as err:
+        except NonFiniteGradientError as err:
             # Every worker sees the same averaged gradient, so every worker stops this run at the same
             # step: the group stays in step and goes on with the next run.
             results.append({"error": str(err)})

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from rayq import checkpoint as ckpt
 from rayq.config import ConfigError, RunConfig
+from rayq.errors import TrainingError
 from rayq.faults import FaultKind, FaultPlan
 from rayq.netsim import Link, ring_allgather_time, transfer_seconds
 from rayq.profiles import load_profile
@@ -37,7 +38,7 @@ from rayq.tasks import Split, get_task
 from rayq.telemetry import EventLog, TensorBoardLog
 from rayq.volunteer import (Aggregator, Job, PeerHost, PeerSlot, ProgressTracker, build_policy, multi_round_codecs,
                             plan_round)
-from trainers.sync import build_optimizer
+from rayq.run import build_optimizer
 
 
 @dataclass
@@ -112,7 +113,7 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None) -> dict[str, Any]:
                           "peer's payload on its own: choose a single-round codec")
     aggregator = Aggregator(policy, shapes, cfg.seed, world)
     elements = sum(p.numel() for _, p in params)
-    state_bytes = 4 * elements * (2 if cfg.optimizer.momentum > 0 or cfg.optimizer.name != "sgd" else 1)
+    state_bytes = 4 * elements * (2 if cfg.optimizer.sgd_momentum > 0 or cfg.optimizer.name != "sgd" else 1)
     sample_s = v.sample_time_s or _measure_sample_time(model, train, micro)
 
     tb = TensorBoardLog(run_dir / "tensorboard")
@@ -508,8 +509,6 @@ def _wait_for_peers(plan: FaultPlan, r: int, now: float, peers: list[Peer], host
 
 
 def _no_peers(r: int, why: str) -> Exception:
-    from rayq.launch import TrainingError
-
     return TrainingError(f"round {r}: no peer can contribute: {why}")
 
 
