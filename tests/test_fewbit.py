@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressors.bits import pack_bits
-from rayq.fewbit import (
-    BITS, SMOOTH, TABLE_GRID, FewBitGELU, FewBitHardshrink, FewBitHardsigmoid, FewBitHardtanh, FewBitLeakyReLU,
-    FewBitReLU, FewBitReLU6, FewBitSiLU, FewBitSoftshrink, FewBitThreshold, Grid, StepFunction,
-    approximation_error, derivative, few_bit, gelu_mlp, load_tables, pack_codes, saved_activation_bytes,
-    solve_dp, solve_lloyd, swap_activations, table, unpack_codes,
-)
+from rayq.fewbit import (FewBitGELU, FewBitHardshrink, FewBitHardsigmoid, FewBitHardtanh, FewBitLeakyReLU,
+                         FewBitReLU, FewBitReLU6, FewBitSiLU, FewBitSoftshrink,
+                         FewBitThreshold, few_bit, gelu_mlp, pack_codes,
+                         saved_activation_bytes, swap_activations, unpack_codes)
+from rayq.fewbit_dp import (BITS, SMOOTH, TABLE_GRID, Grid, StepFunction, approximation_error, derivative,
+                            load_tables, solve_dp, solve_lloyd, table)
 
 # The authors' shipped GELU tables (skolai/fewbit, fewbit/data/builtin.npz).
 LIBRARY_GELU_3BIT = (-2.4166, -0.7100, -0.3258, 0.0001, 0.3261, 0.7102, 2.4145)
