@@ -129,7 +129,7 @@ def write_png_grids(report: LeakReport, directory: str | Path) -> list[Path]:
                 ax.set_xticks([])
                 ax.set_yticks([])
             axes[i][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=7)
-        fig.suptitle(f"{attack.value}: originals vs reconstructions", fontsize=9)
+        fig.suptitle(f"{attack.value}: originals vs reconstructions", fontsize=9, y=1 - 0.12 / height)
         path = directory / f"grid_{attack.value}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
