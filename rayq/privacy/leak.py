@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -177,11 +178,11 @@ class LeakRow:
 
     @property
     def psnr_median(self) -> float:
-        return float(torch.tensor(self.psnr, dtype=torch.float64).median())
+        return statistics.median(self.psnr)
 
     @property
     def ssim_median(self) -> float:
-        return float(torch.tensor(self.ssim, dtype=torch.float64).median())
+        return statistics.median(self.ssim)
 
 
 @dataclass(frozen=True, eq=False)
