@@ -127,13 +127,16 @@ def check_strategy(codec_name: str, strategy: str) -> None:
         raise ValueError(problem)
 
 
-def route(codec: Codec, strategy: str) -> str:
-    """The reduce a codec goes through under ``strategy``: ``allreduce``, ``allgather`` or ``two_phase``."""
+def route(codec: Codec, strategy: str, lossy: bool = False) -> str:
+    """The reduce a codec goes through under ``strategy``: ``allreduce``, ``allgather`` or ``two_phase``.
+
+    ``lossy``: payloads can be lost or corrupted (fault injection). Then ``auto`` sends every single-round
+    codec in the all-gathered frame, so a worker's whole contribution is dropped together, never half."""
     problem = _forbidden(codec.name, codec.kind, codec.multi_round, strategy)
     if problem:
         raise ValueError(problem)
     if strategy == "auto":
-        return "allreduce" if codec.kind is Kind.LINEAR else "allgather"
+        return "allreduce" if codec.kind is Kind.LINEAR and not (lossy and not codec.multi_round) else "allgather"
     return strategy
 
 
@@ -154,7 +157,8 @@ class _Clock:
 
 
 class CompressedGroup:
-    def __init__(self, policy: Policy, transport: Transport, seed: int = 0, strategy: str = "auto") -> None:
+    def __init__(self, policy: Policy, transport: Transport, seed: int = 0, strategy: str = "auto",
+                 lossy: bool = False) -> None:
         for o in policy.overrides:
             check_strategy(o.codec, strategy)
         route(policy.default, strategy)
@@ -163,6 +167,7 @@ class CompressedGroup:
         self.transport = transport
         self.seed = seed
         self.strategy = strategy
+        self.lossy = lossy
         self._plan: list[Entry] | None = None
         self._key: tuple | None = None
         self._routes: dict[str, str] = {}
@@ -180,7 +185,7 @@ class CompressedGroup:
         if self._plan is None or key != self._key:
             plan = self.policy.plan({k: tuple(v.shape) for k, v in tensors.items()},
                                     {k: v.dtype for k, v in tensors.items()})
-            self._routes = {e.key: route(e.codec, self.strategy) for e in plan}
+            self._routes = {e.key: route(e.codec, self.strategy, self.lossy) for e in plan}
             self._plan, self._key = plan, key
         return self._plan
 

@@ -192,6 +192,12 @@ class FaultPlan:
         stragglers = self.nodes is not None and any(n.straggler_prob > 0 and n.straggler_slowdown > 1 for n in self.nodes)
         return not (self.events or stragglers or self.packet_loss or self.packet_corruption or any(self.churn))
 
+    @property
+    def damages_payloads(self) -> bool:
+        """Some payload may be lost or corrupted (the collective then sends whole contributions in frames)."""
+        return bool(self.packet_loss or self.packet_corruption or
+                    any(e.kind in (FaultKind.LOSE, FaultKind.CORRUPT) for e in self.events))
+
     def at(self, step: int) -> list[FaultEvent]:
         """Explicit events that fire (or start) at ``step``, in config order."""
         return [e for e in self.events if (e.step or 0) == step]

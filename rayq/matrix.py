@@ -54,11 +54,12 @@ class Cell:
 
 
 def cells(codecs: list[str] | None = None) -> Iterator[Cell]:
-    """Every cell: each registered codec (with and without error feedback) × schedule × strategy × fault."""
+    """Every cell: each registered codec (with and without error feedback) × schedule × strategy (``auto``, the
+    default, included) × fault."""
     from compressors import codec_names
 
     for codec, ef, schedule, strategy, fault in itertools.product(
-            codecs or codec_names(), (False, True), MATRIX_SCHEDULES, STRATEGIES[1:], MATRIX_FAULTS):
+            codecs or codec_names(), (False, True), MATRIX_SCHEDULES, STRATEGIES, MATRIX_FAULTS):
         yield Cell(codec, ef, schedule, strategy, fault)
 
 

@@ -202,7 +202,8 @@ class Run:
     def group(self) -> CompressedGroup:
         """The compressed group of ``compression.*`` over this run's transport."""
         return CompressedGroup(build_policy(self.cfg), self.transport, seed=self.cfg.seed,
-                               strategy=self.cfg.compression.strategy)
+                               strategy=self.cfg.compression.strategy,
+                               lossy=self.faults is not None and self.faults.plan.damages_payloads)
 
     def track(self, **objects: Stateful) -> None:
         """Checkpoint these objects with the run, and restore their saved state now if there is one."""

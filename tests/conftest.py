@@ -1,4 +1,4 @@
-"""One local Ray per test session (RAY_NOTES.md), shared by every integration test."""
+"""One local Ray per test session, shared by every integration test."""
 
 from __future__ import annotations
 
@@ -44,3 +44,15 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Two cores: torch's intra-op threads only wait on each other (measured: 161 s → 35 s for the codec tests).
     torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The conformance suite's figures: cells checked against the invariants, cells refused by the config."""
+    import sys
+
+    module = sys.modules.get("tests.test_conformance")
+    summary = getattr(module, "SUMMARY", None)
+    if summary:
+        terminalreporter.write_line(
+            f"conformance matrix: {summary['checked']} cells checked against the invariants, {summary['refused']} "
+            f"refused by the config ({summary['reasons']} distinct reasons), {summary['failed']} failed")

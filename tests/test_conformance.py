@@ -1,0 +1,156 @@
+"""Every codec × error feedback × schedule × strategy × fault is either refused by the config, naming both
+halves, or conforms to the invariants of :mod:`tests.conformance` on in-process workers.
+
+The suite must also be able to fail: the last tests put known defects back (by monkeypatching) and check
+that the cells they break are reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+
+from rayq.matrix import Cell, cells
+from rayq.schema import ConfigError
+from tests.conformance import WORKERS, cell_config, check, simulate
+
+#: Filled by the matrix test, printed in pytest's terminal summary (tests/conftest.py).
+SUMMARY: dict[str, object] = {}
+
+HALVES = ("compression.codec", "codec '", "compression.error_feedback", "sync.schedule", "compression.strategy",
+          "strategy '", "faults.", "trainer")
+
+
+def _run(cell: Cell) -> tuple[str | None, list[str]]:
+    """(the refusal, or None) and the invariants the cell breaks."""
+    try:
+        cfg = cell_config(cell)
+    except ConfigError as err:
+        return str(err), []
+    return None, check(cfg, simulate(cfg))
+
+
+def test_every_cell_of_the_matrix_is_refused_by_name_or_conforms():
+    refused, failed, ran = collections.Counter(), [], 0
+    for cell in cells():
+        reason, problems = _run(cell)
+        if reason is not None:
+            named = {h for h in HALVES if h in reason}
+            assert len(named) >= 2 or ("codec '" in reason and "strategy '" in reason), \
+                f"{cell}: the refusal does not name both halves: {reason}"
+            refused[reason.split(":")[0][:60]] += 1
+            continue
+        ran += 1
+        if problems:
+            failed.append((cell, problems[:3]))
+    SUMMARY.update(checked=ran, refused=sum(refused.values()), reasons=len(refused), failed=len(failed))
+    assert not failed, "\n".join(f"{c}: {p}" for c, p in failed[:20])
+    assert ran > 900 and sum(refused.values()) > 1500  # the matrix is the whole matrix
+
+
+def test_the_refusals_are_for_reasons_not_tastes():
+    """Spot checks: the combinations the issue tracker found broken are refused with their reason."""
+    def reason(**kw) -> str:
+        return _run(Cell(**{"codec": "qsgd", "error_feedback": False, "schedule": "every_step", "strategy": "auto",
+                            "fault": "none", **kw}))[0] or ""
+
+    assert "decodes to ±1 without the delta's scale" in reason(codec="sign", schedule="periodic")
+    assert "built-in error feedback" in reason(codec="powersgd", error_feedback=True)
+    assert "every worker owns a shard" in reason(strategy="two_phase", fault="leave")
+    assert "without a per-step barrier" in reason(schedule="adaptive", fault="straggle+deadline")
+    assert "already carry the quantisation error" in reason(schedule="laq", error_feedback=True)
+    assert "summed in flight" in reason(codec="none", fault="lose")
+    assert reason(codec="none", fault="lose", strategy="allgather") == ""  # in frames, a lost one is dropped
+
+
+# ---------------------------------------------------------------------------------------- the suite can fail
+
+
+def _broken(cells_: list[Cell]) -> list[str]:
+    found = []
+    for c in cells_:
+        reason, problems = _run(c)
+        assert reason is None, f"{c} is refused: {reason}"
+        found += problems
+    return found
+
+
+def test_it_catches_error_feedback_consuming_a_contribution_that_was_lost(monkeypatch):
+    from compressors.error_feedback import ErrorFeedback
+
+    real = ErrorFeedback.settle
+    monkeypatch.setattr(ErrorFeedback, "settle", lambda self, info, applied: real(self, info, True))
+    found = _broken([Cell("topk", True, "every_step", "auto", "lose"), Cell("qsgd", True, "every_step", "auto", "corrupt")])
+    assert any(p.startswith("memory:") for p in found), found
+
+
+def test_it_catches_powersgd_dividing_by_the_world_instead_of_the_weights(monkeypatch):
+    from compressors.base import TensorInfo
+
+    monkeypatch.setattr(TensorInfo, "total_weight", property(lambda self: float(self.world)))
+    found = _broken([Cell("powersgd", False, "every_step", "auto", "leave")])
+    assert any("E + applied != M" in p for p in found), found
+
+
+def test_it_catches_a_gather_mean_with_the_wrong_weights(monkeypatch):
+    from rayq.collective import CompressedGroup
+
+    real = CompressedGroup._combine
+    monkeypatch.setattr(CompressedGroup, "_combine",
+                        lambda self, codec, decoded, mean, weights: real(self, codec, decoded, mean,
+                                                                         [w * (i + 1) for i, w in enumerate(weights)]))
+    found = _broken([Cell("qsgd", False, "every_step", "auto", "none")])
+    assert any(p.startswith("applied:") for p in found), found
+
+
+def test_it_catches_a_size_exchange_the_ledger_does_not_count(monkeypatch):
+    from rayq.transport import Transport
+
+    def sizes(self, n):
+        size = torch.tensor([n], dtype=torch.int64, device=self.device)
+        return [int(s.item()) for s in self._all_gather(size)]  # moved, but not recorded
+
+    monkeypatch.setattr(Transport, "_sizes", sizes)
+    found = _broken([Cell("qsgd", False, "every_step", "auto", "none")])
+    assert any(p.startswith("bytes:") for p in found), found
+
+
+def test_it_catches_laq_letting_a_late_worker_upload(monkeypatch):
+    from rayq import schedules
+
+    real = schedules.LAQ.step
+
+    def ignores_deadline(self, step, faults, measure):
+        if faults is not None:
+            faults = dataclasses.replace(faults, weights=[1.0 if p else 0.0 for p in faults.present])
+        return real(self, step, faults, measure)
+
+    monkeypatch.setattr(schedules.LAQ, "step", ignores_deadline)
+    found = _broken([Cell("laq", False, "laq", "auto", "straggle+deadline")])
+    assert any("could not upload" in p for p in found), found
+
+
+def test_it_catches_replicas_that_drift_apart(monkeypatch):
+    from rayq.schedules import Replica
+
+    real = Replica.apply
+
+    def skewed(self, update, local, step, what="averaged gradient"):
+        if self.rank == WORKERS - 1:
+            update = {k: v * 1.001 for k, v in update.items()}
+        return real(self, update, local, step, what)
+
+    monkeypatch.setattr(Replica, "apply", skewed)
+    found = _broken([Cell("none", False, "every_step", "auto", "none")])
+    assert any(p.startswith("replicas:") for p in found), found
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
