@@ -72,7 +72,7 @@ class Packet:
     def to_bytes(self) -> bytes:
         body = [self._header()]
         for f in self.fields:
-            t = f.detach().contiguous().cpu()
+            t = f.detach().reshape(-1).contiguous().cpu()  # flat: a (n, 1) column may keep a stride of n
             body.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         blob = b"".join(body)
         return blob + _CRC.pack(zlib.crc32(blob))

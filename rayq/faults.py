@@ -12,7 +12,7 @@ wrong. Its sources:
   - ``kill`` — ``ray.kill`` of the peer's actor without restart: the volunteer is gone for good
     (collective mode: a Train worker cannot be killed alone, so it is a crash).
   - ``leave`` for ``duration`` steps (null: for good) — contributes nothing; on rejoin it resets its codec
-    state (error feedback, §16) and takes the current model.
+    state (error feedback) and takes the current model.
   - ``straggle`` by ``factor`` from ``step`` (null: the start) for ``duration`` steps — its compute time
     is multiplied in simulated time; past the deadline its contribution is dropped.
   - ``delay`` — its reply is held back ``seconds`` (real time in collective mode: everyone waits;
@@ -396,7 +396,7 @@ class CollectiveFaults:
         wait = self.plan.delay_s(self.rank, step)
         if wait > 0:
             time.sleep(wait)
-        view = self._view(step)
+        view = self.view(step)
         if self.log is not None:
             for w in view.left:
                 back = next((f"for {e.duration} steps" for e in self.plan.at(step)
@@ -418,7 +418,8 @@ class CollectiveFaults:
             transport.tamper = tamper(FaultKind(fault), self.plan.seed, self.rank, step) if fault else None
         return view
 
-    def _view(self, step: int) -> StepFaults:
+    def view(self, step: int) -> StepFaults:
+        """Who contributes to ``step`` and how (no side effects: the plan is the same on every worker)."""
         present = [not self.plan.away(w, step) for w in range(self.world)]
         before = [not self.plan.away(w, step - 1) if step > 0 else True for w in range(self.world)]
         slow = [self.plan.slowdown(w, step) for w in range(self.world)]

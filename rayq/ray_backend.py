@@ -1,4 +1,4 @@
-"""rayq's compressed group as a ``ray.util.collective`` backend named ``RAYQ`` (DESIGN.md rayq.collective).
+"""rayq's compressed group as a ``ray.util.collective`` backend named ``RAYQ``.
 
 Any Ray actors (and Ray Train workers) can then call ``ray.util.collective.allreduce(t, group_name=...)``
 and get the sum through a rayq codec; every other operation keeps the semantics of Ray's own GLOO

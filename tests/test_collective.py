@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compressors import TensorInfo, make_codec
@@ -95,3 +96,27 @@ def test_fp16_mean_is_within_half_precision_error():
         err = (results[0][0]["avg"][k] - mean[k]).abs().max()
         assert err < 2e-3
         assert torch.equal(results[0][0]["avg"][k], results[1][0]["avg"][k])
+
+
+def _float64_sum(transport):
+    g = torch.Generator().manual_seed(transport.rank)
+    x = {"w": torch.randn(500, dtype=torch.float64, generator=g) * 1e3, "b": torch.randn(7, dtype=torch.float64, generator=g)}
+    group = CompressedGroup(Policy("none", min_numel=64), transport)
+    total, _ = group.allreduce_sum(x, 0)
+    mean, _ = group.allreduce_mean(x, 1)
+    return x, total, mean
+
+
+@pytest.mark.parametrize("strategy_world", [3])
+def test_lossless_means_bit_exact_in_the_tensors_own_dtype(strategy_world):
+    from rayq.transport import run_local
+
+    results = run_local(strategy_world, _float64_sum)
+    for k in ("w", "b"):
+        exact = results[0][0][k].clone()
+        for x, _, _ in results[1:]:
+            exact = exact + x[k]  # the same order as the transport's sum
+        for _, total, mean in results:
+            assert total[k].dtype == torch.float64
+            assert torch.equal(total[k], exact), k
+            assert torch.equal(mean[k], exact / strategy_world), k

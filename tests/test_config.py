@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rayq.config import ConfigError, RunConfig, load_config
@@ -68,3 +70,28 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg and isinstance(again, RunConfig)
     assert cfg.optimizer.lr == 0.05 and cfg.epochs == 30 and cfg.batch_size == 32
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["optimizer.name=adam", "optimizer.momentum=0.9"],
+     "optimizer.momentum=0.9 is invalid with optimizer.name='adam': it has no momentum buffer"),
+    (["optimizer.name=adamw", "optimizer.nesterov=true"], "optimizer.nesterov=true is invalid with optimizer.name='adamw'"),
+    (["sync.schedule=laq", "sync.bits=3"], "sync.bits was replaced by compression.params.bits"),
+    (["sync.schedule=laq", "compression.codec=laq", "compression.error_feedback=true"],
+     "sync.schedule='laq' is invalid with compression.error_feedback=true"),
+    (["compression.strategy=two_phase", "faults.deadline=2"],
+     "faults.deadline=2 is invalid with compression.strategy='two_phase'"),
+    (["compression.strategy=two_phase", "faults.events=[{step: 1, worker: 1, kind: leave}]"],
+     "faults.events[0] is invalid with compression.strategy='two_phase'"),
+    (["trainer=ddp", "sync.schedule=periodic"], "trainer='ddp' is invalid with sync.schedule='periodic'"),
+    (["trainer=ddp", "faults.deadline=2"], "faults.deadline=2 is invalid with trainer='ddp'"),
+    (["trainer=volunteer", "compression.codec=powersgd"], "trainer='volunteer' is invalid with compression.codec='powersgd'"),
+])
+def test_settings_that_would_be_silently_ignored_are_config_errors(sets, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, sets)
+
+
+def test_sgd_momentum_defaults_to_0_9_and_adam_takes_none():
+    assert load_config(None, []).optimizer.sgd_momentum == 0.9
+    assert load_config(None, ["optimizer.name=adam"]).optimizer.momentum is None

@@ -275,3 +275,43 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_with_the_accuracy_o
     texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors("faults/events/text_summary")]
     assert any("crash" in t and "worker 1" in t and "step 150" in t for t in texts)
     assert {"faults/crash", "faults/leave", "faults/late", "faults/dropped"} <= set(acc.Tags()["scalars"])
+
+
+# ---------------------------------------------------------------------------------------- a deadline saves simulated time
+
+
+def _sim_time(deadline: float, straggle: bool, steps: int = 10, compute_s: float = 0.1, comm_s: float = 0.02) -> float:
+    from rayq.faults import CollectiveFaults
+    from rayq.netsim import VirtualClock
+
+    events = [FaultEvent(FaultKind.STRAGGLE, 3, None, None, 5.0)] if straggle else []
+    plan = FaultPlan(4, seed=0, events=events)
+    faults = CollectiveFaults(plan, 0, 4, Path("/nonexistent"), 0, None, deadline)
+    clock = VirtualClock(4)
+    for step in range(steps):
+        faults.advance_clock(clock, faults.view(step), compute_s, comm_s)
+    return clock.now
+
+
+def test_a_deadline_that_drops_a_5x_straggler_saves_simulated_time_as_the_barrier_model_says():
+    # 4 workers, 0.1 s of compute each, one 5x straggler, 0.02 s of communication per step, 10 steps.
+    base = _sim_time(0.0, straggle=False)
+    slow = _sim_time(0.0, straggle=True)
+    cut = _sim_time(2.0, straggle=True)
+    assert base == pytest.approx(10 * (0.1 + 0.02))          # the barrier of equal workers
+    assert slow == pytest.approx(10 * (5 * 0.1 + 0.02))      # everyone waits for the straggler
+    assert cut == pytest.approx(10 * (0.1 + 0.02))           # dropped at the barrier: it waits for no one
+    assert cut < slow
+
+
+def test_a_dropped_straggler_rejoins_at_the_barrier_with_the_others():
+    from rayq.faults import CollectiveFaults
+    from rayq.netsim import VirtualClock
+
+    plan = FaultPlan(3, seed=0, events=[FaultEvent(FaultKind.STRAGGLE, 2, 0, 1, 10.0)])
+    faults = CollectiveFaults(plan, 0, 3, Path("/nonexistent"), 0, None, 2.0)
+    clock = VirtualClock(3)
+    view = faults.view(0)
+    assert view.late == [2] and view.weights == [1.0, 1.0, 0.0]
+    faults.advance_clock(clock, view, 1.0, 0.5)
+    assert clock.times == [1.5, 1.5, 1.5] and clock.now == 1.5

@@ -1,4 +1,4 @@
-"""Information-theory fixtures (ALGORITHMS.md §1, §3.2; test matrix T1, T2, T3)."""
+"""Information-theory fixtures (Gaussian R(D), ECSQ and Lloyd–Max designs, Huffman codes)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from compressors.infotheory import (
     lloyd_max,
 )
 
-# §1.1 ECSQ table: H, D (σ² = 1), Huffman L
+# ECSQ of N(0,1), recomputed with an independent numpy/scipy script: H, D (σ² = 1), Huffman L
 ECSQ_TABLE = [
     (0.851, 0.41848, 1.266),
     (1.349, 0.21856, 1.558),
@@ -33,7 +33,7 @@ ECSQ_TABLE = [
     (4.973, 0.001443, 5.012),
 ]
 
-# §1.1 Lloyd–Max table: bits, positive levels, positive thresholds, D, H, Huffman L
+# Lloyd–Max quantisers of N(0,1), recomputed likewise: bits, positive levels, positive thresholds, D, H, Huffman L
 LLOYD_MAX_TABLE = [
     (1, [0.7979], [0.0], 0.36338, 1.0000, 1.000),
     (2, [0.4528, 1.5104], [0.0, 0.9816], 0.11748, 1.9111, 1.989),
@@ -105,7 +105,7 @@ def test_ecsq_gap_stays_between_zero_and_uniform_limit(lam):
 
 def test_ecsq_beats_lloyd_max_at_equal_entropy():
     """T1.1. At H = 1.911 ECSQ reaches D ≈ 1.4225·2^(−2H) = 0.1006 against Lloyd–Max's 0.1175: a
-    0.67 dB gain (ALGORITHMS.md §1.1 says 0.080 and 1.6 dB, an arithmetic slip: 2^(−3.822) = 0.0707)."""
+    0.67 dB gain (0.080 and 1.6 dB would be an arithmetic slip: 2^(−3.822) = 0.0707)."""
     lm = lloyd_max(2)
     ec = ecsq.design(lm.entropy)
     gain_db = 10 * math.log10(lm.distortion / ec.distortion)

@@ -1,4 +1,4 @@
-"""Elias γ / δ integer codes (ALGORITHMS.md §1.2): code words, lengths, round trips, malformed streams."""
+"""Elias γ / δ integer codes (Elias, IEEE Trans. Inf. Theory, 1975): code words, lengths, round trips, malformed streams."""
 
 from __future__ import annotations
 

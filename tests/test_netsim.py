@@ -190,7 +190,7 @@ def test_degenerate_examples_agree_on_xi_and_feasibility(b, xi, water):
     assert shares.xi == pytest.approx(xi, rel=1e-6)
     assert _lp_xi(b) == pytest.approx(xi, rel=1e-6)
     assert _feasible(shares.weights, b, xi)
-    assert shares.weights == pytest.approx(water, abs=0.006)  # our water-filling column of §8.3
+    assert shares.weights == pytest.approx(water, abs=0.006)  # our water-filling solution of the LP
 
 
 def test_client_mode_peers_get_no_share():

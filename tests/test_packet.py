@@ -80,3 +80,15 @@ def test_qsgd_fixed_coding_costs_sign_plus_level_bits_plus_one_norm_per_bucket()
     codec, _, x, packet = _encode("qsgd", n=1 << 16)
     expected_bits = x.numel() * codec.code_bits + 32 * (x.numel() // codec.bucket)
     assert 0 <= 8 * len(packet.to_bytes()) - expected_bits < 8 * 64
+
+
+def test_a_rank_one_factor_with_a_non_unit_stride_serializes():
+    # PowerSGD rank 1: a QR's (n, 1) column comes back with stride (1, n)
+    from compressors import TensorInfo, make_codec
+
+    codec = make_codec("powersgd", {"rank": 1})
+    info = TensorInfo("w", (64, 32))
+    packet = codec.encode(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), info)
+    back = Packet.from_bytes(packet.to_bytes())
+    assert len(packet.to_bytes()) == packet.nbytes
+    torch.testing.assert_close(codec.decode(back, info), codec.decode(packet, info), rtol=0, atol=0)

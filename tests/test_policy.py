@@ -1,4 +1,4 @@
-"""The policy: per-layer codecs (mixed precision, §9.5, T18), small tensors dense and bucketed."""
+"""The policy: per-layer codecs (mixed precision, Ovi et al., 2022), small tensors dense and bucketed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""PowerSGD (ALGORITHMS.md §2.5): the two-round linear exchange, warm start, built-in error feedback.
+"""PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): the two-round linear exchange, warm start, built-in error feedback.
 
-T7 of §17: linearity across workers, the EF invariant, exact rank-r recovery (tolerance 1e-5).
+Linearity across workers, the EF invariant, exact rank-r recovery (tolerance 1e-5).
 Workers are simulated in one process by :func:`run_linear_exchange`, which plays the all-reduce.
 """
 
@@ -124,7 +124,7 @@ def test_rank_r_matrices_are_recovered_exactly_with_warm_start():
         errors.append(rel((results[0] / world).view(n, m), mean))
     log.info("rank-%d recovery, relative error per step: %s", r, ["%.1e" % e for e in errors])
     assert max(errors) <= 1e-5
-    # Each worker's memory holds its own deviation from the mean (reference convention, §2.5);
+    # Each worker's memory holds its own deviation from the mean (the reference code's convention);
     # nothing of the mean is left behind.
     memory = sum(c.state_dict()["e"]["layer.weight"] for c in codecs)
     assert float(memory.norm()) <= 1e-5 * float(mean.norm()) * world

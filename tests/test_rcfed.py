@@ -1,4 +1,4 @@
-"""RC-FED codec (ALGORITHMS.md §3; test matrix T8): normalised ECSQ + ANS coding at a target rate."""
+"""RC-FED codec (Hamidi & Bereyhi, ICASSP 2025): normalised ECSQ + ANS coding at a target rate."""
 
 from __future__ import annotations
 

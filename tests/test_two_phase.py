@@ -1,4 +1,4 @@
-"""Reduce strategies chosen by codec kind (DESIGN.md rayq.collective): all-reduce, all-gather and the
+"""Reduce strategies chosen by codec kind (rayq.collective): all-reduce, all-gather and the
 two-phase re-encoding reduce; exact means for lossless codecs, unbiased means for QSGD, per-worker
 volume flat in N for two-phase, forbidden codec/strategy pairs refused by name."""
 

@@ -1,4 +1,4 @@
-"""vqSGD codec (ALGORITHMS.md §5; test matrix T10, T11): cross-polytope, Hadamard and simplex points."""
+"""vqSGD codec (Gandikota, Kane, Maity, Mazumdar, AISTATS 2021): cross-polytope, Hadamard and simplex points."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _unit(d: int, seed: int) -> torch.Tensor:
 ])
 def test_unbiased_with_variance_norm2_r2_minus_1_over_s(points, d, reps, r2):
     """T10: E Q(g) = g (each coordinate within 4 MC standard errors) and E‖Q(g)−g‖² = ‖g‖²(r²−1)/s
-    (within 3 standard errors); at d=64, s=1 that is 63 (§5.2), at d=16 simplex 255."""
+    (within 3 standard errors); at d=64, s=1 that is 63, at d=16 simplex 255."""
     g = 2.5 * _unit(d, seed=d + reps)
     q = _samples(points, reps, g.float())
     err = ((q - g.double()) ** 2).sum(dim=1)
@@ -51,7 +51,7 @@ def test_unbiased_with_variance_norm2_r2_minus_1_over_s(points, d, reps, r2):
 
 
 def test_block_product_variance_sums_over_blocks():
-    """§5.2 item 4: Var = Σ_b ‖g_b‖²(d_b − 1)/s with a norm per block."""
+    """Block product: Var = Σ_b ‖g_b‖²(d_b − 1)/s with a norm per block."""
     g = torch.randn(256, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 257) / 64
     codec = make_codec("vqsgd", {"points": "cross", "reps": 4, "block": 64})
     trials = 5000
@@ -104,7 +104,7 @@ def test_point_probabilities_are_a_distribution_that_averages_to_v(points):
 
 @pytest.mark.parametrize("rho", [0.3, 0.7])
 def test_cross_polytope_is_epsilon_ldp(rho):
-    """T11 (§5.3): for ‖v‖ ≤ ρ every point's probability ratio across inputs is ≤ (1+2ρ√d)/(1−ρ)."""
+    """Local privacy: for ‖v‖ ≤ ρ every point's probability ratio across inputs is ≤ (1+2ρ√d)/(1−ρ)."""
     d = 32
     g = torch.Generator().manual_seed(6)
     v = torch.randn(4000, d, generator=g, dtype=torch.float64)
