@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from compressors import PacketError, TensorInfo, pack_frame
-from rayq.volunteer import (Aggregator, PeerSlot, ProgressTracker, build_policy, multi_round_codecs, peer_indices,
-                            plan_round)
+from rayq.dedloc import Aggregator, PeerSlot, ProgressTracker, multi_round_codecs, peer_indices, plan_round
+from rayq.run import build_policy
 
 # ---------------------------------------------------------------------------------------- round schedule
 
@@ -153,7 +153,7 @@ def test_six_volunteers_two_killed_one_back_one_straggling_5x_train_without_a_re
         {"step": kill_at, "worker": 4, "kind": "kill"},             # ray.kill, no restart: gone for good
         {"worker": 3, "kind": "straggle", "factor": 5},             # 5x slower for the whole run
         {"step": 70, "worker": 2, "kind": "leave", "duration": 10},  # leaves and rejoins
-        {"step": 80, "worker": 5, "kind": "delay", "seconds": 4},   # real straggling past the real deadline
+        {"step": 80, "worker": 5, "kind": "delay", "seconds": 4},   # 4 simulated seconds: past the deadline
         {"step": 90, "worker": 0, "kind": "corrupt"},               # a byte flipped on the wire
         {"step": 91, "worker": 0, "kind": "lose"},                  # payload lost
     ]
@@ -173,7 +173,7 @@ def test_six_volunteers_two_killed_one_back_one_straggling_5x_train_without_a_re
     assert {("crash", crash_at, 1), ("kill", kill_at, 4), ("straggle", 0, 3), ("leave", 70, 2), ("delay", 80, 5),
             ("corrupt", 90, 0), ("lose", 91, 0)} <= seen
     # ... and what followed: the crash detected, the actor restarted and the peer back; the leaver back;
-    # the delayed payload dropped at the real deadline and again when it arrived late; the damaged ones dropped.
+    # the delayed payload late past the round's (simulated) deadline and dropped; the damaged ones dropped.
     assert ("down", crash_at, 1) in seen and ("late", 80, 5) in seen and ("lost", 91, 0) in seen
     restart = next(e for e in log if e["event"] == "restart" and e["worker"] == 1)
     back = next(e for e in log if e["event"] == "rejoin" and e["worker"] == 1)

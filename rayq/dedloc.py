@@ -1,5 +1,6 @@
-"""Volunteer mode building blocks (ALGORITHMS.md §8 DeDLOC, §16): peers on long-lived Ray actors, the
-simulated schedule of a collaborative round, and the sample-weighted aggregator.
+"""DeDLOC's pure pieces (ALGORITHMS.md §8; Diskin et al., NeurIPS 2021): the simulated schedule of a
+collaborative round, the progress tracker, each peer's data order, the sample-weighted aggregator, and what
+the averaging and a state download cost on the simulated network.
 
 One global step (a *round*) of DeDLOC (§8.1): every online peer computes micro-batches at its own speed
 until the collaboration has accumulated ``target_batch_size`` samples; then the peers average their
@@ -7,29 +8,25 @@ gradients **weighted by the samples each contributed** and take the optimizer st
 rounds (a laggard, a late joiner, a restarted peer) downloads the current state first and resets its codec
 state (§16: never apply a stale error-feedback residual to a newer model).
 
-Here the *timing* of a round is simulated (:func:`plan_round`, on the peers' virtual clocks: profile speed
-factor × straggling × seconds per sample) and the *work* is real: the host actors compute the planned
-micro-batches on real data, encode the gradients with the peers' codecs, and send the packets' bytes
-through the object store to the aggregator in the driver, which decodes them (``PacketError`` → dropped)
-and averages them by samples (:class:`Aggregator`).
+No Ray here: the peers and their host actors are :mod:`rayq.swarm`.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
+import io
 import math
-import os
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from compressors import Kind, PacketError, TensorInfo, pack_frame, unpack_frame
-from compressors.base import Codec, mix_seed
+from compressors import Kind, Packet, PacketError, TensorInfo, unpack_frame
+from compressors.base import mix_seed
 from compressors.policy import Entry, Policy
+from rayq.faults import FaultKind
+from rayq.netsim import Link, ring_allgather_time, transfer_seconds
 
 # ---------------------------------------------------------------------------------------- round schedule
 
@@ -55,6 +52,7 @@ class RoundPlan:
     reported: int = 0                                         # samples the progress tracker counted at close
     wasted_s: dict[int, float] = field(default_factory=dict)    # compute seconds abandoned (per peer)
     left: list[int] = field(default_factory=list)             # went offline before averaging: contribution lost
+    joined_at: dict[int, float] = field(default_factory=dict)   # when each contributor's payload is ready
 
     @property
     def contributors(self) -> list[int]:
@@ -107,6 +105,7 @@ def plan_round(slots: Sequence[PeerSlot], target: int, microbatch: int, grace: f
         plan.wasted_s[s.peer] = max(0.0, join - s.start - k * s.microbatch_s)
         if k > 0:
             plan.averaging_at = max(plan.averaging_at, join)
+            plan.joined_at[s.peer] = join
     return plan
 
 
@@ -132,36 +131,6 @@ class ProgressTracker:
         return math.inf if rate <= 0 else max(0.0, target - accumulated) / rate
 
 
-# ---------------------------------------------------------------------------------------- peers on actors
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a host computes for one hosted peer in one round."""
-
-    peer: int
-    round: int
-    microbatches: int
-    cursor: int                # samples this peer has drawn from its own data stream so far
-    reset: bool = False        # drop the peer's codec state first (it downloaded the state: §16)
-    fault: str | None = None   # "crash" (os._exit), "lose" (payload never arrives), "corrupt" (a byte flipped)
-    delay_s: float = 0.0       # real seconds the reply is held back
-
-
-@dataclass(frozen=True)
-class Payload:
-    """One peer's contribution to a round, as it arrives at the aggregator."""
-
-    peer: int
-    round: int
-    samples: int
-    frame: bytes | None        # the packets' bytes (None: lost on the way)
-    loss: float                # mean training loss over its samples
-    compute_s: float           # real seconds of forward and backward
-    encode_s: float
-    ef_norm: float = 0.0
-
-
 def peer_indices(seed: int, peer: int, cursor: int, count: int, n: int) -> torch.Tensor:
     """Samples ``cursor .. cursor+count`` of ``peer``'s own endless stream over the data set: each pass is a
     permutation seeded by (seed, peer, pass) — DeDLOC peers shuffle with their own seeds (§8.5)."""
@@ -175,98 +144,72 @@ def peer_indices(seed: int, peer: int, cursor: int, count: int, n: int) -> torch
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def build_policy(cfg: Any) -> Policy:
-    from compressors.policy import Override
+# ---------------------------------------------------------------------------------------- wire and network
 
-    c = cfg.compression
-    return Policy(c.codec, c.params, error_feedback=c.error_feedback, min_numel=c.min_numel, bucket_small=c.bucket_small,
-                  overrides=[Override(o.pattern, o.codec, o.params) for o in c.overrides])
+
+@dataclass(frozen=True)
+class FrameSize:
+    """A payload's bytes by what the averaging can do with them: ``linear`` packets are summed in flight,
+    ``gather`` packets must reach every member to be decoded."""
+
+    linear: int = 0
+    gather: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.gather
+
+
+def pack_payload(entries: Sequence[Entry], packets: Sequence[Packet]) -> tuple[bytes, FrameSize]:
+    """The frame (``pack_frame``'s bytes) and its size split by codec kind."""
+    parts = [p.to_bytes() for p in packets]
+    linear = sum(len(b) for e, b in zip(entries, parts) if e.codec.kind is Kind.LINEAR)
+    frame = b"".join(parts)
+    return frame, FrameSize(linear, len(frame) - linear)
+
+
+def averaging_seconds(frames: Mapping[int, FrameSize], links: Sequence[Link]) -> float:
+    """Simulated seconds for the averaging group (``{peer: its frame's size}``) to combine its frames.
+
+    Linear packets are summed in flight: DeDLOC's butterfly all-reduce (§8.3; a ring all-gather when every
+    member is behind NAT and none can aggregate). Gather packets (QSGD, top-k, int8, RC-FED, ...) must be
+    decoded before they are summed, so every member needs every other member's packets: a ring all-gather
+    of the real sizes — what the aggregator does with them. A policy that mixes both runs both, one after
+    the other."""
+    members = sorted(frames)
+    if len(members) < 2:
+        return 0.0
+    sub = [links[p] for p in members]
+    linear = [float(frames[p].linear) for p in members]
+    gather = [float(frames[p].gather) for p in members]
+    t = 0.0
+    if any(linear):
+        try:
+            t += transfer_seconds("butterfly", linear, linear, sub)
+        except ValueError:  # every member in client mode: nobody can aggregate a shard
+            t += ring_allgather_time(linear, sub)
+    if any(gather):
+        t += ring_allgather_time(gather, sub)
+    return t
+
+
+def state_nbytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state a laggard downloads (§8.1: parameters and optimizer state), serialized for real."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buf)
+    return buf.getbuffer().nbytes
+
+
+def download_seconds(nbytes: int, link: Link) -> float:
+    return 8 * nbytes / link.down_bps + link.latency_s
+
+
+# ---------------------------------------------------------------------------------------- aggregator
 
 
 def multi_round_codecs(policy: Policy, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Codecs of the plan that need a multi-round all-reduce (PowerSGD): the aggregator cannot decode them alone."""
-    out = []
-    for e in policy.plan(shapes):
-        inner = getattr(e.codec, "inner", e.codec)
-        if e.codec.kind is Kind.LINEAR and type(inner).exchange is not Codec.exchange:
-            out.append(e.codec.name)
-    return sorted(set(out))
-
-
-class PeerHost:
-    """A Ray actor hosting one or more volunteer peers: one model replica, and per peer its own codec state
-    (a :class:`Policy` with error-feedback residuals) and data order. Crashes take all its peers along."""
-
-    def __init__(self, config: dict[str, Any], peers: list[int]) -> None:
-        from rayq.config import RunConfig, from_dict
-        from rayq.tasks import get_task
-
-        torch.set_num_threads(1)
-        self.cfg = from_dict(RunConfig, config)
-        self.peers = list(peers)
-        task = get_task(self.cfg.task)
-        self.train, _ = task.load(self.cfg.data_dir)
-        torch.manual_seed(self.cfg.seed)
-        self.model = task.build_model()
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.policies = {p: build_policy(self.cfg) for p in self.peers}
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "peers": self.peers}
-
-    def crash(self) -> None:
-        os._exit(1)
-
-    def run(self, round_id: int, state: dict[str, torch.Tensor], jobs: list[Job]) -> tuple[int, list[Payload]]:
-        """Compute, encode and return every job's payload (the reply is a list of bytes frames).
-
-        A job with ``fault="crash"`` kills the process first (``os._exit``): a hard crash mid-round."""
-        if any(j.fault == "crash" for j in jobs):
-            os._exit(1)
-        self.model.load_state_dict(state)
-        out = [self._job(j) for j in jobs]
-        delay = max((j.delay_s for j in jobs), default=0.0)
-        if delay > 0:
-            time.sleep(delay)
-        return os.getpid(), out
-
-    def _job(self, job: Job) -> Payload:
-        from rayq.faults import corrupt_bytes
-
-        policy = self.policies[job.peer]
-        if job.reset:
-            policy.reset()
-        micro = self.cfg.volunteer.microbatch or self.cfg.batch_size
-        samples = job.microbatches * micro
-        t0 = time.perf_counter()
-        idx = peer_indices(self.cfg.seed, job.peer, job.cursor, samples, len(self.train))
-        self.model.zero_grad(set_to_none=False)
-        loss = 0.0
-        for j in range(job.microbatches):  # accumulate the mean gradient over the peer's micro-batches
-            part = idx[j * micro:(j + 1) * micro]
-            mb = F.cross_entropy(self.model(self.train.x[part]), self.train.y[part]) / job.microbatches
-            mb.backward()
-            loss += float(mb)
-        t1 = time.perf_counter()
-        grads = {n: p.grad for n, p in self.params}
-        packets = []
-        for e in policy.plan({n: tuple(g.shape) for n, g in grads.items()}):
-            flat = torch.cat([grads[m].reshape(-1).to(torch.float32) for m in e.members])
-            packets.append(e.codec.encode(flat, _info(e, job.peer, job.round, self.cfg)))
-        frame: bytes | None = pack_frame(packets)
-        if job.fault == "corrupt":
-            frame = corrupt_bytes(frame, self.cfg.seed, job.peer, job.round)  # type: ignore[arg-type]
-        elif job.fault == "lose":
-            frame = None
-        ef = policy.residual_norm()
-        return Payload(job.peer, job.round, samples, frame, loss, t1 - t0, time.perf_counter() - t1, ef)
-
-
-def _info(e: Entry, peer: int, round_id: int, cfg: Any) -> TensorInfo:
-    return TensorInfo(e.key, e.shape, worker=peer, world=cfg.workers, step=round_id, seed=cfg.seed)
-
-
-# ---------------------------------------------------------------------------------------- aggregator
+    return sorted({e.codec.name for e in policy.plan(shapes) if e.codec.multi_round})
 
 
 class Aggregator:
@@ -297,10 +240,91 @@ class Aggregator:
         weights = [float(n) for n in samples]
         out: dict[str, torch.Tensor] = {}
         for e in self.entries:
-            codec = getattr(e.codec, "inner", e.codec)
-            flat = codec.aggregate([d[e.key] for d in decoded], weights)
+            flat = e.codec.aggregate([d[e.key] for d in decoded], weights)
             offset = 0
             for name, n in zip(e.members, e.numels):
                 out[name] = flat[offset:offset + n].view(self.shapes[name])
                 offset += n
         return out
+
+
+# ---------------------------------------------------------------------------------------- a round's payloads
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a host computes for one hosted peer in one round."""
+
+    peer: int
+    round: int
+    microbatches: int
+    cursor: int                     # samples this peer has drawn from its own data stream so far
+    reset: bool = False             # the peer downloaded the state: drop its codec state first (§16)
+    applied: bool | None = None     # whether its previous payload was applied (None: it has none to settle)
+    fault: FaultKind | None = None  # CRASH (os._exit), LOSE (the payload never arrives), CORRUPT (a byte flipped)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One peer's contribution to a round, as it leaves its host."""
+
+    peer: int
+    round: int
+    samples: int
+    frame: bytes | None  # the packets' bytes (None: lost on the way)
+    size: FrameSize      # the frame's bytes as sent, by codec kind
+    loss: float          # mean training loss over its samples
+    compute_s: float     # real seconds of forward and backward
+    encode_s: float
+
+
+class Verdict(enum.Enum):
+    ACCEPTED = "accepted"
+    LOST = "lost"        # never arrived
+    LATE = "late"        # arrived after the round's deadline (simulated)
+    DAMAGED = "damaged"  # arrived in time, failed to decode (PacketError)
+
+
+@dataclass
+class RoundResult:
+    """What reached the aggregator in a round, judged on the simulated clock (:func:`judge`)."""
+
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+    accepted: list[tuple[Payload, dict[str, torch.Tensor]]] = field(default_factory=list)
+    frames: dict[int, FrameSize] = field(default_factory=dict)  # arrived in time (damaged ones too)
+    bytes_up: int = 0
+    averaging_at: float = 0.0  # every frame that counts has arrived
+    notes: dict[int, str] = field(default_factory=dict)  # why a payload was late or damaged
+
+    @property
+    def samples(self) -> list[int]:
+        return [pl.samples for pl, _ in self.accepted]
+
+
+def judge(r: int, plan: RoundPlan, payloads: Sequence[Payload], delays: Mapping[int, float],
+          aggregator: Aggregator) -> RoundResult:
+    """Which payloads of round ``r`` count. A payload is ready when its peer joins the averaging
+    (``plan.joined_at``) and reaches the aggregator ``delays[peer]`` simulated seconds later; past the round's
+    deadline (close + matchmaking) it is late. A lost one never arrives; a damaged one arrives (its bytes
+    crossed the wire, its peer is in the averaging group) but fails to decode (``PacketError``)."""
+    out = RoundResult(averaging_at=plan.averaging_at)
+    for pl in payloads:
+        arrives = plan.joined_at.get(pl.peer, plan.close) + delays.get(pl.peer, 0.0)
+        if pl.frame is None:
+            out.verdicts[pl.peer] = Verdict.LOST
+            continue
+        if arrives > plan.deadline:
+            out.verdicts[pl.peer] = Verdict.LATE
+            out.notes[pl.peer] = (f"its reply arrives at {arrives:.2f} s (simulated), after the round's deadline "
+                                  f"{plan.deadline:.2f} s")
+            continue
+        out.frames[pl.peer] = pl.size
+        out.bytes_up += len(pl.frame)
+        out.averaging_at = max(out.averaging_at, arrives)
+        try:
+            out.accepted.append((pl, aggregator.decode(pl.frame, pl.peer, r)))
+            out.verdicts[pl.peer] = Verdict.ACCEPTED
+        except Exception as err:  # noqa: BLE001 - PacketError, or a codec refusing damaged fields
+            out.verdicts[pl.peer] = Verdict.DAMAGED
+            out.notes[pl.peer] = f"{type(err).__name__}: {err}"
+    return out
