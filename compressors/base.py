@@ -111,6 +111,9 @@ class Stateful(Protocol):
 
 ExchangeGen = Generator[Packet, Packet, torch.Tensor]
 
+#: Measured :meth:`Codec.gaussian_distortion` by (spec, numel).
+_DISTORTION: dict[tuple[str, int], float] = {}
+
 
 class Codec:
     """Base class: subclasses are dataclasses whose fields are the codec's parameters."""
@@ -155,6 +158,18 @@ class Codec:
         """A stable name for this codec and its parameters: ``qsgd(levels=7,bucket=512)``."""
         params = ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.params())
         return f"{self.name}({params})"
+
+    def gaussian_distortion(self, numel: int = 4096) -> float:
+        """‖D(C(x)) − x‖² / ‖x‖² on one fixed standard Gaussian vector of ``numel`` elements (seeded, so the
+        same on every machine): how much of its input the codec loses. Error feedback needs less than 1 (a
+        contractive codec): otherwise the memory grows instead of shrinking (Karimireddy et al., ICML 2019)."""
+        key = (self.spec, numel)
+        if key not in _DISTORTION:
+            x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+            info = TensorInfo("gaussian", (numel,), step=0, seed=0)
+            out = self.decode(self.encode(x, info), info).to(torch.float32)
+            _DISTORTION[key] = float(((out - x) ** 2).sum() / (x ** 2).sum())
+        return _DISTORTION[key]
 
     def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The floating dtype the codec wants its input in: float32 unless it keeps the tensor's own."""

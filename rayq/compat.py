@@ -110,6 +110,17 @@ def _codec_rules(s: Setup, p: str) -> list[str]:
             out.append(f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: the decoded value "
                        "is a bare sign vote without the input's scale, so the residual u - D(C(u)) is meaningless; "
                        "use codec ef_sign (the scaled sign) with error feedback, or sign without it")
+        elif s.error_feedback and not codec.multi_round and not codec.builtin_error_feedback:
+            lost = codec.gaussian_distortion()
+            if lost >= 1.0:
+                out.append(f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: error feedback "
+                           f"needs a contractive codec, and {codec.spec} leaves {lost:.2f}x a Gaussian input's energy as "
+                           "error, so the memory grows instead of shrinking; keep more of the input (e.g. qsgd "
+                           "levels >= 15, randomk rescale=false) or train without error feedback (this codec is "
+                           "unbiased and needs none)" if codec.unbiased else
+                           f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: error feedback "
+                           f"needs a contractive codec, and {codec.spec} leaves {lost:.2f}x a Gaussian input's energy "
+                           "as error; keep more of the input, or train without error feedback")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Every codec trains digits through the sync trainer on Ray Train with 4 workers (issue 3).
+"""Every codec, and sampled cells of every schedule under faults, train digits on Ray Train with 4 workers.
 
 All runs share one worker group (trainer ``sweep``) to spend Ray Train's start-up once; each run is the
 ``sync`` trainer's loop, unchanged, with its own config. Bars are per codec: tighter where the codec is
@@ -37,19 +37,62 @@ MATRIX: dict[str, tuple[list[str], float]] = {
 }
 
 
+#: Sampled cells of the combination matrix (name -> config, bar): each schedule, lossy codecs, faults.
+CELLS: dict[str, tuple[list[str], float]] = {
+    "periodic-qsgd-ef": (["compression.codec=qsgd", "compression.params.levels=15", "compression.error_feedback=true",
+                          "sync.schedule=periodic",
+                          "sync.period=4"], 0.88),
+    "diloco-int8": (["compression.codec=int8", "sync.schedule=periodic", "sync.period=4", "sync.outer_lr=0.7",
+                     "sync.outer_momentum=0.5"], 0.88),
+    "adaptive-topk-ef": (["compression.codec=topk", "compression.params={density: 0.05}", "compression.error_feedback=true",
+                          "sync.schedule=adaptive", "sync.period=2", "sync.p_max=16"], 0.85),
+    "laq-laq-deadline": (["compression.codec=laq", "sync.schedule=laq", "faults.deadline=2",
+                          "faults.events=[{step: 40, worker: 3, kind: straggle, factor: 5, duration: 20}]"], 0.85),
+    "topk-ef-leave-lose": (["compression.codec=topk", "compression.params={density: 0.05}", "compression.error_feedback=true",
+                            "optimizer.lr=0.03", "faults.events=[{step: 30, worker: 2, kind: leave, duration: 10}, "
+                            "{step: 80, worker: 1, kind: lose, duration: 8}, {step: 120, worker: 3, kind: corrupt}]"], 0.85),
+    "two-phase-qsgd-ef": (["compression.codec=qsgd", "compression.params.levels=15", "compression.error_feedback=true",
+                           "compression.strategy=two_phase"],
+                          0.85),
+    "powersgd-deadline": (["compression.codec=powersgd", "faults.deadline=2",
+                           "faults.events=[{step: 20, worker: 0, kind: straggle, factor: 4, duration: 30}]"], 0.88),
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    from rayq.config import load_config
+    from rayq.launch import train_many
+
+    out = tmp_path_factory.mktemp("matrix")
+    common = ["epochs=20", "report_every=110", "eval_every=0", "checkpoint_every=0", "compression.min_numel=0"]
+    cfgs = [load_config(None, common + [f"compression.codec={codec}"] + extra,
+                        extra={"name": f"matrix-{codec}", "output_dir": str(out)})
+            for codec, (extra, _) in MATRIX.items()]
+    cfgs += [load_config(None, common + ["cluster=cloud-1g"] + sets, extra={"name": f"cell-{name}", "output_dir": str(out)})
+             for name, (sets, _) in CELLS.items()]
+    return train_many(cfgs)
+
+
 def test_the_matrix_names_every_registered_codec():
     assert set(MATRIX) == set(compressors.REGISTRY)
 
 
-def test_every_codec_trains_digits_to_its_bar(ray_session, tmp_path):
-    from rayq.config import load_config
-    from rayq.launch import train_many
+def test_sampled_cells_of_every_schedule_under_faults_train_digits_to_their_bar(sweep):
+    cells = {s["run"].removeprefix("cell-"): s for s in sweep if s["run"].startswith("cell-")}
+    assert list(cells) == list(CELLS)
+    failures = {n: s.get("error") or round(s["eval/accuracy"], 4) for n, s in cells.items()
+                if "error" in s or s["eval/accuracy"] < CELLS[n][1]}
+    assert not failures, f"below their bar: {failures}"
+    for name, s in cells.items():
+        assert s["step"] == 220 and s["sim/time_s"] > 0
+        assert s["comm/control_bytes"] > 0  # loss means, evaluation sums, size exchanges: on the wire, counted
+        if name != "powersgd-deadline":  # frames: packets plus padding and control (an all-reduce sums bare fields,
+            assert s["comm/bytes_up_wire"] >= s["comm/bytes_up"] > 0  # so PowerSGD's headers never travel)
 
-    common = ["epochs=20", "report_every=110", "eval_every=0", "checkpoint_every=0", "compression.min_numel=0"]
-    cfgs = [load_config(None, common + [f"compression.codec={codec}"] + extra,
-                        extra={"name": f"matrix-{codec}", "output_dir": str(tmp_path)})
-            for codec, (extra, _) in MATRIX.items()]
-    summaries = train_many(cfgs)
+
+def test_every_codec_trains_digits_to_its_bar(sweep):
+    summaries = [s for s in sweep if s["run"].startswith("matrix-")]
     assert [s["codec"] for s in summaries] == list(MATRIX)
     failures = {s["codec"]: s.get("error") or round(s["eval/accuracy"], 4) for s in summaries
                 if "error" in s or s["eval/accuracy"] < MATRIX[s["codec"]][1]}

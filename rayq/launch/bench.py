@@ -197,7 +197,7 @@ E2E_CONFIGS: dict[str, list[str]] = {
     "powersgd": ["compression.codec=powersgd"],
     "rcfed": ["compression.codec=rcfed"],
     # LAQ's skip rule is specified for gradient descent; under momentum its stale aggregate can diverge.
-    "laq": ["compression.codec=none", "sync.schedule=laq", "optimizer.momentum=0", "optimizer.lr=0.2"],
+    "laq": ["compression.codec=laq", "sync.schedule=laq", "optimizer.momentum=0", "optimizer.lr=0.2"],
     "local-sgd": ["compression.codec=none", "sync.schedule=periodic", "sync.period=8"],
     "ddp-powersgd-hook": ["trainer=ddp", "ddp.hook=powersgd"],
 }

@@ -73,14 +73,50 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     import compressors
     from rayq.launch.console import table
 
+    if args.matrix:
+        return _matrix(args)
     rows = []
     for name, cls in compressors.REGISTRY.items():
         params = ", ".join(
             f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name for f in cls.params()
         ) or "-"
-        rows.append((name, f"{cls.kind.value:<6}  {params}  | {cls.summary}"))
+        source = f"  ({cls.source})" if cls.source else ""
+        rows.append((name, f"{cls.kind.value:<6}  {params}  | {cls.summary}{source}"))
     print(table(rows, title="codecs (compression.codec, kind, compression.params)"))
-    print("compression.error_feedback: true wraps any codec with error feedback.")
+    print("compression.error_feedback: true wraps any codec that loses less than its input (a contractive one) with "
+          "error feedback; `rayq codecs --matrix` shows what works with what.")
+    return 0
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    """Every codec (± error feedback) × schedule × strategy × fault, allowed or refused, from the config's rules."""
+    from collections import Counter
+
+    from rayq.matrix import MATRIX_FAULTS, MATRIX_SCHEDULES, STRATEGIES, matrix
+
+    cells = matrix(args.codec or None)
+    if args.full:
+        for cell, reason in cells:
+            verdict = "ok" if reason is None else f"refused: {reason}"
+            print(f"{cell.codec:10} ef={'yes' if cell.error_feedback else 'no ':3} {cell.schedule:10} {cell.strategy:9} "
+                  f"{cell.fault:17} {verdict}")
+    else:
+        schedules, faults = list(MATRIX_SCHEDULES), list(MATRIX_FAULTS)
+        print("cells allowed out of the 4 strategies (auto, allreduce, allgather, two_phase); "
+              "--full lists every cell with its reason")
+        header = ["codec", "ef"] + [f"{s}" for s in schedules]
+        print("  ".join(f"{h:<12}" for h in header))
+        by = Counter((c.codec, c.error_feedback, c.schedule) for c, r in cells if r is None)
+        seen = sorted({(c.codec, c.error_feedback) for c, _ in cells}, key=lambda k: (k[0], k[1]))
+        per = len(STRATEGIES) * len(faults)
+        for codec, ef in seen:
+            row = [codec, "yes" if ef else "no"] + [f"{by[(codec, ef, s)]}/{per}" for s in schedules]
+            print("  ".join(f"{v:<12}" for v in row))
+    reasons = Counter(r.split(":")[0] for _, r in cells if r is not None)
+    allowed = sum(r is None for _, r in cells)
+    print(f"{len(cells)} cells: {allowed} allowed, {len(cells) - allowed} refused; the refusals, by what they name:")
+    for r, n in reasons.most_common():
+        print(f"  {n:5}  {r}")
     return 0
 
 
@@ -95,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("codecs", help="list the codecs with their kind and parameters")
+    p.add_argument("--matrix", action="store_true", help="what works with what: codec x error feedback x schedule x "
+                   "strategy x fault, allowed or refused (from the config's own rules)")
+    p.add_argument("--full", action="store_true", help="with --matrix: every cell and its reason")
+    p.add_argument("--codec", action="append", default=[], help="with --matrix: only this codec (repeatable)")
     p.set_defaults(func=cmd_codecs)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
