@@ -95,7 +95,7 @@ def problems(cfg: RunConfig, p: str = "") -> list[str]:
     out += _schedule_rules(s, p)
     out += _fault_rules(s, cfg, p)
     out += _trainer_rules(s, cfg, p)
-    out += _optimizer_rules(s, p)
+    out += _optimizer_rules(s, cfg, p)
     return out
 
 
@@ -226,13 +226,16 @@ def _trainer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     return out
 
 
-def _optimizer_rules(s: Setup, p: str) -> list[str]:
+def _optimizer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     out = []
-    if s.optimizer not in ("sgd",):
-        if s.momentum is not None:
-            out.append(f"{p}optimizer.momentum={s.momentum!r} is invalid with optimizer.name={s.optimizer!r}: "
-                       "it has no momentum buffer (Adam's moments are fixed at betas (0.9, 0.999)); leave it unset")
-        if s.nesterov:
-            out.append(f"{p}optimizer.nesterov=true is invalid with optimizer.name={s.optimizer!r}: only sgd has a "
-                       "Nesterov variant; leave it false")
+    if s.optimizer in ("qcmd_adagrad", "qrda_adagrad", "blaq", "laq_weights") and s.schedule != "every_step":
+        out.append(f"{p}optimizer.name={s.optimizer!r} is invalid with {p}sync.schedule={s.schedule!r}: its state "
+                   "(AdaGrad statistics and dual average, or BLAQ's shadow weights) must be built from the same averaged "
+                   "gradient on every replica, every step; choose sync.schedule every_step")
+    if s.optimizer in ("blaq", "laq_weights") and s.trainer != "sync":
+        out.append(f"{p}optimizer.name={s.optimizer!r} is invalid with {p}trainer={s.trainer!r}: it evaluates the "
+                   "averaged gradient at a trial point inside its step, which the sync trainer provides")
+    if s.optimizer in ("blaq", "laq_weights") and cfg.on_nonfinite == "skip":
+        out.append(f"{p}optimizer.name={s.optimizer!r} is invalid with {p}on_nonfinite='skip': a non-finite gradient "
+                   "inside its two-evaluation step cannot be skipped half-way; use on_nonfinite=raise")
     return out

@@ -27,23 +27,71 @@ MOVED = {
 }
 
 
+#: Optimizer options and the optimizers they belong to (anything else given is an error, not ignored).
+OPTIMIZER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "momentum": ("sgd",), "nesterov": ("sgd",), "weight_decay": ("sgd", "adam", "adamw"),
+    "l1": ("qcmd_adagrad", "qrda_adagrad"), "delta": ("qcmd_adagrad", "qrda_adagrad"),
+    "beta": ("blaq",), "projection": ("blaq", "laq_weights"), "weight_bits": ("blaq", "laq_weights"),
+}
+
+
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """``sgd``, ``adam``, ``adamw``; QCMD / QRDA AdaGrad with an ℓ1 term (Xu et al., 2022: sparse models from
+    quantised gradients); BLAQ (Ma et al., AAAI 2024) and its LAQ-weights baseline (Hou & Kwok, ICLR 2018):
+    loss-aware quantised weights, binary / ternary / m-bit."""
+
+    name: Literal["sgd", "adam", "adamw", "qcmd_adagrad", "qrda_adagrad", "blaq", "laq_weights"] = "sgd"
     lr: float | None = None
     #: SGD's momentum (null: 0.9); other optimizers have none.
     momentum: float | None = None
     weight_decay: float = 0.0
     nesterov: bool = False
+    #: QCMD / QRDA: the ℓ1 weight λ (0) and AdaGrad's δ (1e-10).
+    l1: float | None = None
+    delta: float | None = None
+    #: BLAQ: the weight of the trial gradient β (0.5; 0 is LAQ-weights).
+    beta: float | None = None
+    #: BLAQ / LAQ-weights: how weight matrices are quantised (binary), and the bits of ``mbit`` (2).
+    projection: Literal["binary", "ternary", "mbit"] | None = None
+    weight_bits: int | None = None
 
     @property
     def sgd_momentum(self) -> float:
         return 0.9 if self.momentum is None else self.momentum
 
+    @property
+    def needs_closure(self) -> bool:
+        """BLAQ evaluates the (averaged) gradient twice per step, at the weights and at a trial point."""
+        return self.name in ("blaq", "laq_weights")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The constructor options of the new optimizers (defaults filled in)."""
+        if self.name in ("qcmd_adagrad", "qrda_adagrad"):
+            return {"lr": self.lr, "l1": self.l1 or 0.0, "delta": 1e-10 if self.delta is None else self.delta}
+        if self.name in ("blaq", "laq_weights"):
+            out = {"lr": self.lr, "projection": self.projection or "binary", "bits": self.weight_bits or 2}
+            if self.name == "blaq":
+                out["beta"] = 0.5 if self.beta is None else self.beta
+            return out
+        return {}
+
     def validate(self, path: str) -> None:
         check(self.lr is None or self.lr > 0, f"{path}.lr", self.lr, "a positive number")
         check(self.momentum is None or 0 <= self.momentum < 1, f"{path}.momentum", self.momentum,
               "a number in [0, 1), or null (0.9 for sgd)")
+        check(self.l1 is None or self.l1 >= 0, f"{path}.l1", self.l1, "a number >= 0")
+        check(self.delta is None or self.delta > 0, f"{path}.delta", self.delta, "a number > 0")
+        check(self.beta is None or 0 <= self.beta <= 1, f"{path}.beta", self.beta, "a number in [0, 1] (0: LAQ-weights)")
+        check(self.weight_bits is None or 2 <= self.weight_bits <= 8, f"{path}.weight_bits", self.weight_bits,
+              "an integer in 2..8 (with projection mbit)")
+        defaults = {"momentum": None, "nesterov": False, "weight_decay": 0.0, "l1": None, "delta": None, "beta": None,
+                    "projection": None, "weight_bits": None}
+        for key, owners in OPTIMIZER_OPTIONS.items():
+            value = getattr(self, key)
+            if value != defaults[key] and self.name not in owners:
+                raise ConfigError(f"{path}.{key}={value!r} is invalid with {path}.name={self.name!r}: it is an option of "
+                                  f"{' / '.join(owners)}; leave it unset")
         check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
 
 
@@ -248,9 +296,22 @@ class DDPConfig:
 
 
 @dataclass
+class ModelConfig:
+    """What the task's model looks like beyond its own definition."""
+
+    #: Few-Bit Backward (Novikov et al., 2022): activations keep b-bit codes of their input for the backward
+    #: pass instead of the input (null: exact activations); 1 bit is exact for ReLU-like ones.
+    fewbit_bits: int | None = None
+
+    def validate(self, path: str) -> None:
+        check(self.fewbit_bits is None or 1 <= self.fewbit_bits <= 4, f"{path}.fewbit_bits", self.fewbit_bits,
+              "1, 2, 3 or 4 bits, or null (exact activations)")
+
+
+@dataclass
 class RunConfig:
     name: str | None = None
-    task: Literal["digits", "digits-wide", "fashion-mnist", "mnist", "cifar10"] = "digits"
+    task: Literal["digits", "digits-wide", "digits-gelu", "sparse-logistic", "fashion-mnist", "mnist", "cifar10"] = "digits"
     data_dir: str | None = None
     trainer: str = "sync"
     seed: int = 0
@@ -263,6 +324,7 @@ class RunConfig:
     max_steps: int | None = None
     batch_size: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)

@@ -70,8 +70,29 @@ def batch_indices(seed: int, epoch: int, step_in_epoch: int, rank: int, world: i
     return perm[step_in_epoch * batch:(step_in_epoch + 1) * batch]
 
 
+def build_model(cfg: RunConfig, task: Any) -> torch.nn.Module:
+    """The task's model, with few-bit activations when ``model.fewbit_bits`` is set."""
+    model = task.build_model()
+    if cfg.model.fewbit_bits:
+        from rayq.fewbit import swap_activations
+
+        model = swap_activations(model, cfg.model.fewbit_bits)
+    return model
+
+
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optimizer
+    if o.name in ("qcmd_adagrad", "qrda_adagrad"):
+        from rayq.optimizers import build
+
+        return build(o.name, model.parameters(), **o.kwargs())
+    if o.name in ("blaq", "laq_weights"):
+        from rayq.blaq import laq_param_groups
+        from rayq.optimizers import build
+
+        kw = o.kwargs()
+        groups = laq_param_groups(model, kw.pop("projection"), kw.pop("bits"))
+        return build(o.name, groups, **kw)
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.sgd_momentum > 0)
@@ -83,6 +104,13 @@ def build_policy(cfg: RunConfig) -> Policy:
     c = cfg.compression
     return Policy(c.codec, c.params, error_feedback=c.error_feedback, min_numel=c.min_numel,
                   bucket_small=c.bucket_small, overrides=[Override(o.pattern, o.codec, o.params) for o in c.overrides])
+
+
+def model_sparsity(model: torch.nn.Module) -> float:
+    """The fraction of the model's parameters that are exactly zero (ℓ1-regularised optimizers make them)."""
+    total = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return zeros / total if total else 0.0
 
 
 @dataclass
@@ -152,9 +180,9 @@ class Run:
         self.train, self.test = self.task.load(cfg.data_dir)
         self.plan = make_plan(cfg, len(self.train), self.world)
         torch.manual_seed(cfg.seed)
-        self.model = self.task.build_model().to(self.device)
+        self.model = build_model(cfg, self.task).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.replica = Replica(self.model, self.optimizer, cfg.on_nonfinite, self.rank)
+        self.replica = Replica(self.model, self.optimizer, cfg.on_nonfinite, self.rank, cfg.optimizer.needs_closure)
         if transport is None:
             import torch.distributed as dist
 
@@ -301,6 +329,10 @@ class Run:
         for obj in self.tracked.values():
             for k, v in getattr(obj, "metrics", dict)().items():
                 m[k] = v
+        m["model/sparsity"] = model_sparsity(self.model)
+        zigzag = getattr(self.optimizer, "zigzag", None)
+        if zigzag is not None:
+            m.update(zigzag().metrics())
         norm = self._residual_norm()
         if norm:
             m["comm/ef_residual_norm"] = norm

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -44,6 +45,9 @@ class Replica:
     optimizer: torch.optim.Optimizer
     on_nonfinite: str = "raise"
     rank: int = 0
+    #: The optimizer evaluates the averaged gradient itself, through a closure (BLAQ: at the weights and at a
+    #: trial point; each evaluation is a forward, a backward and an exchange).
+    needs_closure: bool = False
 
     def __post_init__(self) -> None:
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -101,9 +105,14 @@ class Outcome:
     applied: bool
 
 
+#: Recompute this worker's local gradients at the current weights (zero, forward, backward; returns the loss).
+Backward = Callable[[], torch.Tensor]
+
+
 class Schedule(Protocol):
-    def step(self, step: int, faults: StepFaults | None, measure: bool) -> Outcome:
-        """Exchange and apply this step's update (the local gradients are in the replica's ``p.grad``)."""
+    def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
+        """Exchange and apply this step's update (the local gradients are in the replica's ``p.grad``;
+        ``backward`` recomputes them, for optimizers that evaluate the gradient more than once)."""
         ...
 
     def resync(self, faults: StepFaults) -> None:
@@ -134,11 +143,40 @@ class EveryStep:
         self.replica, self.group = replica, group
         self.syncs = 0
 
-    def step(self, step: int, faults: StepFaults | None, measure: bool) -> Outcome:
+    def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
+        if self.replica.needs_closure:
+            return self._closure_step(step, faults, measure, backward)
         grads = self.replica.grads()
         averaged, ledger = self.group.allreduce_mean(grads, step, measure=measure, weights=_weights(faults))
         self.syncs += 1
         return Outcome(ledger, True, self.replica.apply(averaged, grads, step))
+
+    def _closure_step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None) -> Outcome:
+        """The optimizer asks for the averaged gradient as often as it needs it (BLAQ: twice); the first
+        evaluation uses the gradients the loop computed, later ones recompute them at the new weights."""
+        if backward is None:
+            raise ValueError(f"optimizer {type(self.replica.optimizer).__name__} evaluates the gradient itself; "
+                             "the trainer must pass schedule.step(..., backward=...)")
+        ledger = Ledger(rank=self.group.rank)
+        calls = [0]
+
+        def closure() -> torch.Tensor:
+            if calls[0]:
+                backward()
+            calls[0] += 1
+            local = {n: g.detach().clone() for n, g in self.replica.grads().items()}
+            averaged, part = self.group.allreduce_mean(local, step, measure=measure and calls[0] == 1,
+                                                       weights=_weights(faults))
+            ledger.add(part)
+            self.replica.finite(averaged, local, step, "averaged gradient")
+            for n, p in self.replica.params:
+                p.grad = averaged[n].detach().clone()
+            return averaged[next(iter(averaged))]
+
+        self.replica.optimizer.step(closure)
+        ledger.elements //= max(calls[0], 1)  # the same elements, exchanged once per evaluation
+        self.syncs += 1
+        return Outcome(ledger, True, True)
 
     def resync(self, faults: StepFaults) -> None:
         pass
@@ -251,7 +289,7 @@ class Periodic:
     def should_sync(self, step: int) -> bool:
         return step + 1 - self.last_sync >= self.period
 
-    def step(self, step: int, faults: StepFaults | None, measure: bool) -> Outcome:
+    def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
         grads = self.replica.grads()
         applied = self.replica.finite(grads, grads, step, "local gradient")
         if applied:
@@ -381,7 +419,7 @@ class LAQ:
         g0 = self.replica.optimizer.param_groups[0]
         return g0["lr"] / (1.0 - g0["momentum"]) if g0.get("momentum") else g0["lr"]
 
-    def step(self, step: int, faults: StepFaults | None, measure: bool) -> Outcome:
+    def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
         s, group, rank, world = self.state, self.group, self.group.rank, self.group.world
         grads = self.replica.grads()
         entries = group.plan(grads)

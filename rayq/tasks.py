@@ -79,6 +79,27 @@ def load_digits_split(_: str | None = None) -> tuple[Split, Split]:
             Split(torch.from_numpy(xte), torch.from_numpy(yte).long()))
 
 
+def load_sparse_logistic(_: str | None = None) -> tuple[Split, Split]:
+    """A synthetic binary problem whose answer is sparse: 200 standardised features, 10 of them informative
+    (scikit-learn's ``make_classification``, seed 0), 4,000 samples, 80/20 split. The task for ℓ1-regularised
+    optimizers: a good solution has ~95% zero weights."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_classification(n_samples=4000, n_features=200, n_informative=10, n_redundant=0,
+                               n_clusters_per_class=1, class_sep=1.0, flip_y=0.02, random_state=0)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return (Split(torch.from_numpy(xtr), torch.from_numpy(ytr).long()),
+            Split(torch.from_numpy(xte), torch.from_numpy(yte).long()))
+
+
+def gelu_digits_model() -> nn.Module:
+    from rayq.fewbit import gelu_mlp
+
+    return gelu_mlp(inputs=64, hidden=256, classes=10, activation="gelu", layers=2)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped), the format of the original MNIST/Fashion-MNIST files."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -210,6 +231,13 @@ TASKS: dict[str, Task] = {
                         load=load_digits_split,
                         description="digits with a wide MLP 64-1024-1024-10 (1.1 M parameters): a "
                                     "communication-bound variant for network benchmarks"),
+    "digits-gelu": Task("digits-gelu", epochs=30, batch_size=32, lr=0.05, build_model=gelu_digits_model,
+                        load=load_digits_split,
+                        description="digits with a GELU MLP 64-256-256-10: smooth activations, for Few-Bit Backward"),
+    "sparse-logistic": Task("sparse-logistic", epochs=20, batch_size=64, lr=0.1,
+                            build_model=lambda: nn.Linear(200, 2), load=load_sparse_logistic,
+                            description="logistic regression on 200 features, 10 informative (synthetic, seeded): "
+                                        "for ℓ1-regularised optimizers (QCMD / QRDA AdaGrad)"),
     "fashion-mnist": Task("fashion-mnist", epochs=1, batch_size=32, lr=0.05, build_model=small_cnn,
                           load=load_fashion_mnist, description="Fashion-MNIST (Debian IDX files), small CNN"),
     "mnist": Task("mnist", epochs=1, batch_size=32, lr=0.05, build_model=small_cnn, load=load_mnist,

@@ -27,7 +27,7 @@ def test_yaml_then_set_overrides(tmp_path):
     (["compression.params.levels=0"], "levels=0 must be in 1..32768"),
     (["compression.params.norm=l3"], "compression.params.norm='l3' is not valid for codec 'qsgd'; choose one of: 'l2', 'max'"),
     (["compression.params.level=3"], "compression.params.level is not a parameter of codec 'qsgd'; allowed: levels"),
-    (["task=imagenet"], "task='imagenet' is invalid; choose one of: digits, digits-wide, fashion-mnist, mnist, cifar10"),
+    (["task=imagenet"], "task='imagenet' is invalid; choose one of: digits, digits-wide, digits-gelu, sparse-logistic, fashion-mnist, mnist, cifar10"),
     (["workers=0"], "workers=0 is invalid; expected an integer >= 1"),
     (["workers=two"], "workers='two' is invalid; expected an integer"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; expected a positive number"),
@@ -74,8 +74,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 @pytest.mark.parametrize("sets, message", [
     (["optimizer.name=adam", "optimizer.momentum=0.9"],
-     "optimizer.momentum=0.9 is invalid with optimizer.name='adam': it has no momentum buffer"),
-    (["optimizer.name=adamw", "optimizer.nesterov=true"], "optimizer.nesterov=true is invalid with optimizer.name='adamw'"),
+     "optimizer.momentum=0.9 is invalid with optimizer.name='adam': it is an option of sgd"),
+    (["optimizer.name=adamw", "optimizer.nesterov=true"], "optimizer.nesterov=True is invalid with optimizer.name='adamw'"),
+    (["optimizer.name=sgd", "optimizer.l1=0.1"], "optimizer.l1=0.1 is invalid with optimizer.name='sgd'"),
+    (["optimizer.name=blaq", "sync.schedule=laq", "compression.codec=laq"],
+     "optimizer.name='blaq' is invalid with sync.schedule='laq'"),
     (["sync.schedule=laq", "sync.bits=3"], "sync.bits was replaced by compression.params.bits"),
     (["sync.schedule=laq", "compression.codec=laq", "compression.error_feedback=true"],
      "sync.schedule='laq' is invalid with compression.error_feedback=true"),

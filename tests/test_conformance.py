@@ -61,7 +61,8 @@ def test_the_refusals_are_for_reasons_not_tastes():
     assert "built-in error feedback" in reason(codec="powersgd", error_feedback=True)
     assert "every worker owns a shard" in reason(strategy="two_phase", fault="leave")
     assert "without a per-step barrier" in reason(schedule="adaptive", fault="straggle+deadline")
-    assert "already carry the quantisation error" in reason(schedule="laq", error_feedback=True)
+    assert "already carry the quantisation error" in reason(codec="laq", schedule="laq", error_feedback=True)
+    assert "needs a contractive codec" in reason(error_feedback=True)  # qsgd at 7 levels loses more than its input
     assert "summed in flight" in reason(codec="none", fault="lose")
     assert reason(codec="none", fault="lose", strategy="allgather") == ""  # in frames, a lost one is dropped
 
@@ -83,7 +84,7 @@ def test_it_catches_error_feedback_consuming_a_contribution_that_was_lost(monkey
 
     real = ErrorFeedback.settle
     monkeypatch.setattr(ErrorFeedback, "settle", lambda self, info, applied: real(self, info, True))
-    found = _broken([Cell("topk", True, "every_step", "auto", "lose"), Cell("qsgd", True, "every_step", "auto", "corrupt")])
+    found = _broken([Cell("topk", True, "every_step", "auto", "lose"), Cell("int8", True, "every_step", "auto", "corrupt")])
     assert any(p.startswith("memory:") for p in found), found
 
 

@@ -32,12 +32,17 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     for step in run.steps():
         faults = run.begin(step)  # the fault plan: crash, delay, who contributes; rejoiners resynchronise
         x, y = run.batch(step)
+
+        def backward():
+            optimizer.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        loss = backward()
         compute_s = time.perf_counter() - t0
-        outcome = schedule.step(step, faults, measure=run.measuring(step))
+        outcome = schedule.step(step, faults, measure=run.measuring(step), backward=backward)
         run.end(step, loss, outcome, compute_s, faults)
 
     return run.finish()
