@@ -223,10 +223,10 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_with_the_accuracy_o
     from rayq.telemetry import read_events
 
     # Top-k (10 %) + error feedback on 4 workers; worker 2 leaves for 6 steps, worker 3 straggles 5x (past a 3x deadline,
-    # so its contributions are dropped), worker 1's packet is corrupted once. The crashed run adds: worker 1 calls
+    # so its contributions are dropped), worker 1's packet is corrupted once, worker 0 is cut off for 5 steps. The crashed run adds: worker 1 calls
     # os._exit at step 150; the last checkpoint before it is at step 120.
     events = ("[{step: 30, worker: 2, kind: leave, duration: 6}, {step: 60, worker: 3, kind: straggle, factor: 5, "
-              "duration: 10}, {step: 90, worker: 1, kind: corrupt}")
+              "duration: 10}, {step: 90, worker: 1, kind: corrupt}, {step: 100, worker: 0, kind: lose, duration: 5}")
     base = ["compression.codec=topk", "compression.params={density: 0.1}", "compression.error_feedback=true",
             "max_steps=200", "optimizer.lr=0.1", "report_every=10",
             "checkpoint_every=40", "eval_every=0", "keep_checkpoints=10", "max_failures=1", "faults.deadline=3",
@@ -266,7 +266,8 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_with_the_accuracy_o
     # Every event is in the log with its step and worker; the crash and the time it cost are recorded.
     seen = {(e["event"], e["step"], e["worker"]) for e in log}
     assert {("crash", 150, 1), ("leave", 30, 2), ("rejoin", 36, 2), ("straggle", 60, 3), ("late", 65, 3),
-            ("corrupt", 90, 1), ("dropped", 90, 1), ("recovered", 150, 1)} <= seen
+            ("corrupt", 90, 1), ("dropped", 90, 1), ("recovered", 150, 1), ("lose", 100, 0), ("dropped", 104, 0),
+            ("heal", 105, 0)} <= seen  # a partition of worker 0 for 5 steps, then it resynchronises
     assert crashed["recovery/lost_s"] > 0 and crashed["recovery/sim_lost_s"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
