@@ -4,6 +4,11 @@ One default codec, per-name overrides by glob pattern (first match wins; mixed p
 in Ovi, Dey, Roy, Gangopadhyay, arXiv 2210.13457), tensors under ``min_numel`` elements sent dense,
 and those small tensors bucketed into one packet per dtype so they cost one header, not one each.
 
+With ``bucket_mb`` the tensors are instead laid end to end into flat buckets of up to that many MB
+(fp32), in reverse parameter order as their gradients become ready in the backward pass (as DDP does),
+one bucket per codec: each bucket is one packet, so biases are compressed too and headers are few.
+Multi-round codecs (PowerSGD) keep each tensor's shape: they are never bucketed.
+
 Each distinct codec (name, parameters, error feedback) is one instance whose state is keyed by
 tensor name; the policy's state is keyed by the codec's :attr:`~compressors.base.Codec.spec`, so
 a checkpoint stays loadable when an override is added or removed. The two-phase reduce's shard
@@ -25,6 +30,8 @@ from compressors.error_feedback import ErrorFeedback
 log = logging.getLogger(__name__)
 
 SMALL_BUCKET = "__small__"
+#: Flat buckets are keyed ``__bucket0__``, ``__bucket1__``, ... in the order they fill.
+FLAT_BUCKET = "__bucket{}__"
 #: Key prefix of the shard owners' codecs (two-phase reduce) in :meth:`Policy.state_dict`.
 OWNER = "owner:"
 
@@ -55,8 +62,11 @@ class Entry:
 class Policy:
     def __init__(self, codec: str, params: dict[str, Any] | None = None, error_feedback: bool = False,
                  min_numel: int = 0, bucket_small: bool = True, overrides: list[Override] | None = None,
-                 small_codec: str = "none") -> None:
+                 small_codec: str = "none", bucket_mb: float | None = None) -> None:
+        if bucket_mb is not None and not bucket_mb > 0:
+            raise ValueError(f"bucket_mb={bucket_mb!r} is invalid; expected megabytes > 0, or None (per tensor)")
         self.error_feedback = error_feedback
+        self.bucket_mb = bucket_mb
         self.min_numel = min_numel
         self.bucket_small = bucket_small
         self.overrides = list(overrides or [])
@@ -95,6 +105,7 @@ class Policy:
         dtypes = dtypes or {}
         entries: list[Entry] = []
         small: dict[torch.dtype, list[tuple[str, int]]] = {}
+        flat: list[tuple[str, int, Codec]] = []
         for name, shape in shapes.items():
             numel = 1
             for s in shape:
@@ -104,7 +115,11 @@ class Policy:
                 small.setdefault(dtype, []).append((name, numel))
                 continue
             codec = self.codec_for(name)
+            if self.bucket_mb is not None and not codec.multi_round and dtype == torch.float32:
+                flat.append((name, numel, codec))
+                continue
             entries.append(Entry(name, (name,), (numel,), tuple(shape), codec, codec.wire_dtype(dtype)))
+        entries = self._buckets(flat) + entries
         for dtype, members in small.items():
             wire = self.small.wire_dtype(dtype)
             if self.bucket_small:
@@ -115,6 +130,29 @@ class Policy:
             else:
                 entries += [Entry(n, (n,), (k,), (k,), self.small, wire) for n, k in members]
         return entries
+
+    def _buckets(self, flat: list[tuple[str, int, Codec]]) -> list[Entry]:
+        """Flat buckets of up to ``bucket_mb`` MB per codec, filled in reverse parameter order."""
+        if not flat:
+            return []
+        limit = max(1, int(self.bucket_mb * 2**20 / 4))  # type: ignore[operator]
+        open_: dict[str, list[tuple[str, int]]] = {}
+        codecs: dict[str, Codec] = {}
+        done: list[tuple[Codec, list[tuple[str, int]]]] = []
+        for name, numel, codec in reversed(flat):
+            members = open_.setdefault(codec.spec, [])
+            codecs[codec.spec] = codec
+            if members and sum(n for _, n in members) + numel > limit:
+                done.append((codec, members))
+                members = open_[codec.spec] = []
+            members.append((name, numel))
+        done += [(codecs[spec], members) for spec, members in open_.items() if members]
+        out = []
+        for i, (codec, members) in enumerate(done):
+            total = sum(n for _, n in members)
+            out.append(Entry(FLAT_BUCKET.format(i), tuple(n for n, _ in members), tuple(k for _, k in members), (total,),
+                             codec, codec.wire_dtype(torch.float32)))
+        return out
 
     # -- state -------------------------------------------------------------------------------------------
     def stateful_codecs(self) -> dict[str, Codec]:

@@ -118,6 +118,8 @@ class CompressionConfig:
     error_feedback: bool = False
     min_numel: int = 256
     bucket_small: bool = True
+    #: Lay gradients end to end into flat buckets of up to this many MB, one packet each (null: per tensor).
+    bucket_mb: float | None = None
     overrides: list[OverrideConfig] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
@@ -134,6 +136,8 @@ class CompressionConfig:
             if problem:
                 raise ConfigError(f"{path}: {problem}")
         check(self.min_numel >= 0, f"{path}.min_numel", self.min_numel, "an integer >= 0")
+        check(self.bucket_mb is None or self.bucket_mb > 0, f"{path}.bucket_mb", self.bucket_mb,
+              "megabytes > 0 (e.g. 25, as DDP), or null (one packet per tensor)")
 
 
 @dataclass

@@ -155,3 +155,22 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell", [
+    Cell("qsgd", False, "every_step", "auto", "none"), Cell("topk", True, "every_step", "auto", "lose"),
+    Cell("int8", True, "every_step", "allgather", "straggle+deadline"), Cell("rcfed", True, "periodic", "auto", "none"),
+    Cell("laq", False, "laq", "auto", "leave"), Cell("ef_sign", True, "every_step", "two_phase", "none"),
+    Cell("randomk", False, "every_step", "auto", "leave"), Cell("none", False, "diloco", "allreduce", "none"),
+], ids=str)
+def test_flat_buckets_conform_too(cell):
+    """``compression.bucket_mb``: every tensor, biases included, laid end to end into a few packets."""
+    from tests.conformance import cell_config
+
+    cfg = cell_config(cell, compression={"bucket_mb": 0.001, "min_numel": 0, "codec": cell.codec,
+                                         "error_feedback": cell.error_feedback, "strategy": cell.strategy})
+    from rayq.run import build_policy
+
+    plan = build_policy(cfg).plan({"0.weight": (24, 16), "0.bias": (24,), "2.weight": (4, 24), "2.bias": (4,)})
+    assert all(e.key.startswith("__bucket") for e in plan) and len(plan) >= 2  # several buckets, no dense tensors
+    assert check(cfg, simulate(cfg)) == []

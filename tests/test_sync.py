@@ -241,14 +241,16 @@ def _periodic_run(transport, adaptive: bool, period: int, steps: int = 600, lr: 
     return schedule.syncs, loss, periods
 
 
-def test_adpsgd_reaches_lower_loss_than_cpsgd_with_no_more_syncs_on_digits():
-    # Measured (4 workers, 600 steps, LR halved at 50% and 75%): CPSGD p=9 66 syncs, loss 0.19473;
-    # ADPSGD p0=4, κ=1: 65 syncs, loss 0.19429, with periods growing as the LR decays.
+def test_adpsgd_adapts_its_period_and_matches_cpsgd_at_an_equal_sync_budget_on_digits():
+    # Over 5 seeds (`rayq bench schedules`), ADPSGD and CPSGD at an equal number of syncs reach the same loss
+    # within noise on digits (difference -0.0002 +- 0.0001 dense, -0.0001 +- 0.0002 with QSGD): a single-seed
+    # "win" of 0.02% is not evidence. What holds on every seed: ADPSGD syncs often early and rarely late, and
+    # spends the budget of the matched constant period without losing accuracy.
     cpsgd = run_local(4, _periodic_run, False, 9)
     adpsgd = run_local(4, _periodic_run, True, 4)
     (c_syncs, c_loss, _), (a_syncs, a_loss, periods) = cpsgd[0], adpsgd[0]
-    assert a_syncs <= c_syncs, (a_syncs, c_syncs)
-    assert a_loss < c_loss, (a_loss, c_loss)
+    assert abs(a_syncs - c_syncs) <= 3, (a_syncs, c_syncs)
+    assert a_loss == pytest.approx(c_loss, rel=0.02), (a_loss, c_loss)
     assert max(periods[-5:]) > min(periods[:5])  # sync often early, rarely late
 
 
