@@ -91,7 +91,7 @@ def problems(cfg: RunConfig, p: str = "") -> list[str]:
     except CodecError:
         return []  # the codec's own validation reports it
     out: list[str] = []
-    out += _codec_rules(s, p)
+    out += _codec_rules(s, cfg, p)
     out += _schedule_rules(s, p)
     out += _fault_rules(s, cfg, p)
     out += _trainer_rules(s, cfg, p)
@@ -99,13 +99,13 @@ def problems(cfg: RunConfig, p: str = "") -> list[str]:
     return out
 
 
-def _codec_rules(s: Setup, p: str) -> list[str]:
+def _codec_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     out = []
-    for key, codec in s.codecs:  # (codec × strategy is the compression section's own check)
     if cfg.compression.bucket_mb is not None and s.codecs[0][1].multi_round:
         out.append(f"{p}compression.bucket_mb={cfg.compression.bucket_mb:g} is invalid with compression.codec="
                    f"{s.codecs[0][1].name!r}: it approximates each weight matrix by its own shape, which a flat bucket "
                    "loses; leave bucket_mb unset (null) for this codec")
+    for key, codec in s.codecs:  # (codec × strategy is the compression section's own check)
         if s.error_feedback and codec.builtin_error_feedback:
             out.append(f"{p}compression.error_feedback=true is invalid with {key}={codec.name!r}: it compensates "
                        "its own error (built-in error feedback), so a second memory would count the error twice; "

@@ -298,7 +298,7 @@ class Run:
                 acc, eval_loss = self.evaluate()
                 self.last_eval = {"eval/accuracy": acc, "eval/loss": eval_loss}
                 if self.trace is not None:
-                    self.trace.write(json.dumps({"eval_step": done, **self.last_eval}) + "\n")
+                    self.trace.write(json.dumps({"eval_step": done, "eval/accuracy": acc, "eval/loss": eval_loss}) + "\n")
                     self.trace.flush()
             extra["train/loss"] = loss_mean
         ledger.wire.extend(self.transport.take_records())  # what else moved this step: resync, reports, evaluation
@@ -309,8 +309,6 @@ class Run:
             else:
                 self.clock.step(compute_s, comm)
             self.window.sim_comm_s += comm
-                for evaluator in self.evaluators:
-                    self.last_eval.update(evaluator(done == self.plan.total_steps))
         if self.trace is not None:
             self.trace.write(json.dumps({"step": done, "compute_s": compute_s,
                                          "wire": [w.to_json() for w in ledger.wire]}) + "\n")
