@@ -313,6 +313,42 @@ class ModelConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """What every run measures about privacy at each evaluation (rank 0, no collective calls)."""
+
+    #: Membership inference on a balanced set: ``membership_samples`` training samples (a fixed seeded subset)
+    #: against as many test samples: train/test gap, the correctness attack, the loss attack's AUC and TPR at 1% FPR.
+    membership: bool = True
+    membership_samples: int = 256
+
+    def validate(self, path: str) -> None:
+        check(self.membership_samples >= 10, f"{path}.membership_samples", self.membership_samples,
+              "an integer >= 10 (members, and as many non-members)")
+
+
+@dataclass
+class SplitConfig:
+    """Trainer ``split``: split learning (clients run the model up to ``cut``, the server the rest) with NoPeek.
+
+    ``cut`` indexes the task model's layers (an ``nn.Sequential``): the clients run layers ``[0, cut)``; null:
+    after the first activation (and the pooling right after it). ``nopeek_alpha`` weighs dCor(X, Z) in the
+    clients' loss. At the end, a decoder Z → X is trained on half of the test split (the attacker's public
+    data) and scored on the other half."""
+
+    cut: int | None = None
+    nopeek_alpha: float = 0.0
+    decoder_attack: bool = True
+    decoder_epochs: int = 200
+    decoder_hidden: int = 256
+
+    def validate(self, path: str) -> None:
+        check(self.cut is None or self.cut >= 1, f"{path}.cut", self.cut, "a layer index >= 1, or null")
+        check(self.nopeek_alpha >= 0, f"{path}.nopeek_alpha", self.nopeek_alpha, "a number >= 0")
+        check(self.decoder_epochs >= 1, f"{path}.decoder_epochs", self.decoder_epochs, "an integer >= 1")
+        check(self.decoder_hidden >= 1, f"{path}.decoder_hidden", self.decoder_hidden, "an integer >= 1")
+
+
+@dataclass
 class RunConfig:
     name: str | None = None
     task: Literal["digits", "digits-wide", "digits-gelu", "sparse-logistic", "fashion-mnist", "mnist", "cifar10"] = "digits"
@@ -344,6 +380,8 @@ class RunConfig:
     on_nonfinite: Literal["raise", "skip"] = "raise"
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     volunteer: VolunteerConfig = field(default_factory=VolunteerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""

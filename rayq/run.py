@@ -21,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,11 +36,17 @@ from rayq.collective import CompressedGroup, Ledger
 from rayq.config import RunConfig, from_dict
 from rayq.faults import CollectiveFaults, FaultPlan, StepFaults
 from rayq.netsim import VirtualClock, step_comm_seconds
+from rayq.privacy.membership import MembershipProbe
 from rayq.profiles import load_profile
 from rayq.schedules import Outcome, Replica
 from rayq.tasks import Split, get_task
 from rayq.telemetry import EventLog, TensorBoardLog
 from rayq.transport import Purpose, TorchTransport, Transport
+
+
+#: Extra figures at an evaluation (``privacy/*``, ...); the argument says whether it is the run's last one.
+#: Called on every worker in the same order; one that makes collective calls must make them on every worker.
+Evaluator = Callable[[bool], dict[str, float]]
 
 
 class Stateful(Protocol):
@@ -224,6 +231,11 @@ class Run:
         self.window = Window(ledger=Ledger(rank=self.rank))
         self.last: dict[str, Any] = {}
         self.last_eval: dict[str, float] = {}
+        self.evaluators: list[Evaluator] = []
+        if cfg.privacy.membership and self.rank == 0:  # rank 0 only, no collective calls
+            probe = MembershipProbe.sample((self.train.x, self.train.y), (self.test.x, self.test.y),
+                                           cfg.privacy.membership_samples, cfg.seed)
+            self.evaluators.append(lambda final: probe.metrics(self.model, self.device))
         self.wall_start = time.perf_counter() - wall_offset
         self.model.train()
 
@@ -297,8 +309,10 @@ class Run:
                 self.replica.average_buffers(self.transport)
                 acc, eval_loss = self.evaluate()
                 self.last_eval = {"eval/accuracy": acc, "eval/loss": eval_loss}
+                for evaluator in self.evaluators:
+                    self.last_eval.update(evaluator(done == self.plan.total_steps))
                 if self.trace is not None:
-                    self.trace.write(json.dumps({"eval_step": done, "eval/accuracy": acc, "eval/loss": eval_loss}) + "\n")
+                    self.trace.write(json.dumps({"eval_step": done, **self.last_eval}) + "\n")
                     self.trace.flush()
             extra["train/loss"] = loss_mean
         ledger.wire.extend(self.transport.take_records())  # what else moved this step: resync, reports, evaluation
@@ -360,7 +374,8 @@ class Run:
         if self.faults is not None and self.faults.log is not None:
             self.faults.log.close()
         if self.tb is not None:
-            final = {k: v for k, v in self.last.items() if k.startswith(("eval/", "comm/bits", "comm/comp"))}
+            kept = ("eval/", "comm/bits", "comm/comp", "privacy/")
+            final = {k: v for k, v in self.last.items() if k.startswith(kept)}
             self.tb.hparams(self.cfg.to_dict(), final)
             self.tb.close()
         return {**self.last, "steps_total": self.plan.total_steps, "start_step": self.start_step}

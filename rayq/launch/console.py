@@ -60,14 +60,35 @@ def summary_table(result: dict[str, Any]) -> str:
         ("steps", str(result["step"])),
         ("bits per element", f"{result['comm/bits_per_element']:.3f}"),
         ("compression ratio", f"{result['comm/compression_ratio']:.1f}x"),
-        ("bytes sent (per worker)", human_bytes(result["comm/bytes_up_total"])),
-        ("bytes sent (all workers)", human_bytes(result["comm/bytes_up_total"] * result["workers"])),
+        ("bytes sent (rank 0: the server)" if "comm/bytes_up_all_workers_total" in result
+         else "bytes sent (per worker)", human_bytes(result["comm/bytes_up_total"])),
+        ("bytes sent (all workers)", human_bytes(result.get("comm/bytes_up_all_workers_total",
+                                                            result["comm/bytes_up_total"] * result["workers"]))),
         ("wall time", f"{result['wall_s']:.1f} s"),
+        *privacy_rows(result),
         *fault_rows(result),
         ("tensorboard", f"tensorboard --logdir {result['tensorboard']}"),
         ("checkpoints", str(result["checkpoint"] or "(none)")),
     ]
     return table(rows, title="rayq summary")
+
+
+def privacy_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows of what the run's privacy figures say, for the figures the run has."""
+    rows = []
+    if "privacy/loss_auc" in result:
+        rows += [("train - test accuracy gap", f"{result['privacy/train_test_gap']:+.4f}"),
+                 ("membership: correctness attack", f"{result['privacy/correctness_attack_acc']:.4f} (0.5 = chance)"),
+                 ("membership: loss attack AUC", f"{result['privacy/loss_auc']:.4f} "
+                                                 f"(TPR {result['privacy/tpr_at_1pct_fpr']:.3f} at 1% FPR)")]
+    if "split/train_dcor" in result:
+        rows.append(("NoPeek dCor(X, Z) in training", f"{result['split/train_dcor']:.4f}"))
+    if "privacy/decoder_ssim" in result:
+        rows += [("decoder attack Z -> X: SSIM", f"{result['privacy/decoder_ssim']:.4f}"),
+                 ("decoder attack Z -> X: PSNR", f"{result['privacy/decoder_psnr']:.2f} dB"),
+                 ("dCor² (bias-corrected) of X, Z", f"{result['privacy/dcor']:.4f} "
+                                                    f"(on {result.get('privacy/decoder_samples', 0):.0f} test images)")]
+    return rows
 
 
 def fault_rows(result: dict[str, Any]) -> list[tuple[str, str]]:

@@ -7,13 +7,13 @@ from rayq.privacy.attacks import (
 )
 from rayq.privacy.dcor import bias_corrected_dcor2, distance_correlation, nopeek_loss, pairwise_distances
 from rayq.privacy.leak import (
-    AttackName, ImageData, LabelSource, LeakConfig, LeakReport, LeakRow, default_codecs, load_images, report_codecs,
-    run_leak,
+    IMAGE_FORMATS, AttackName, ImageData, LabelSource, LeakConfig, LeakReport, LeakRow, default_codecs, load_images,
+    report_codecs, run_leak,
 )
 from rayq.privacy.membership import (
-    AlignmentAttack, MembershipReport, ThresholdAttack, correctness_attack_accuracy, gaussian_threshold_success,
-    gradient_alignment_attack, loss_threshold_attack, membership_report, per_sample_gradients, per_sample_losses,
-    roc_auc, threshold_attack, tpr_at_fpr, yeom_bound,
+    AlignmentAttack, MembershipProbe, MembershipReport, ThresholdAttack, correctness_attack_accuracy,
+    gaussian_threshold_success, gradient_alignment_attack, loss_threshold_attack, membership_report,
+    per_sample_gradients, per_sample_losses, roc_auc, threshold_attack, tpr_at_fpr, yeom_bound,
 )
 from rayq.privacy.metrics import (
     SUCCESS_PSNR_DB, SUCCESS_SSIM, ImageScores, Normalization, is_success, label_accuracy, match_batch, mse, psnr,
@@ -23,8 +23,8 @@ from rayq.privacy.report import (
     WrittenReport, markdown_table, write_all, write_json, write_markdown, write_png_grids, write_tensorboard,
 )
 from rayq.privacy.split import (
-    DecoderLeakage, SplitModel, SplitStep, SplitTraining, decoder_leakage, mlp_decoder, smashed_bits, split_accuracy,
-    split_cnn, split_step, train_decoder_attack, train_split,
+    DecoderAttack, DecoderLeakage, SplitModel, SplitStep, SplitTraining, decoder_attack, decoder_leakage,
+    mlp_decoder, smashed_bits, split_accuracy, split_cnn, split_step, train_decoder_attack, train_split,
 )
 from rayq.privacy.victims import (
     InputSpec, VictimKind, batch_gradient, build_victim, lenet_sigmoid, mlp_victim, soft_cross_entropy,
@@ -34,11 +34,13 @@ from rayq.privacy.wire import (
 )
 
 __all__ = [
-    "AlignmentAttack", "AttackName", "AttackResult", "CodecSpec", "DLGBudget", "DecoderLeakage", "Distance",
+    "IMAGE_FORMATS", "AlignmentAttack", "AttackName", "DecoderAttack", "decoder_attack",
+    "AttackResult", "CodecSpec", "DLGBudget", "DecoderLeakage", "Distance",
     "ErrorFeedbackMode", "SplitModel", "SplitStep", "SplitTraining", "decoder_leakage", "mlp_decoder", "smashed_bits",
     "split_accuracy", "split_cnn", "split_step", "train_decoder_attack", "train_split",
     "GradientObjective", "IGBudget", "ImageData", "ImageScores", "InputSpec", "Knowledge", "LabelSource", "LayerRule",
-    "LeakConfig", "LeakReport", "LeakRow", "MembershipReport", "Normalization", "ParamObservation", "RandomPrecision",
+    "LeakConfig", "LeakReport", "LeakRow", "MembershipProbe", "MembershipReport", "Normalization", "ParamObservation",
+    "RandomPrecision",
     "SUCCESS_PSNR_DB", "SUCCESS_SSIM", "ThresholdAttack", "VictimKind", "View", "WireCapture", "WrittenReport",
     "analytic_fc_inversion", "batch_gradient", "bias_corrected_dcor2", "build_victim", "candidate_gradients", "capture",
     "correctness_attack_accuracy", "default_codecs", "distance_correlation", "dlg", "gaussian_threshold_success",

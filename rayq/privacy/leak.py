@@ -144,6 +144,13 @@ IMAGE_TASKS = {"digits": _digits, "digits-wide": _digits, "fashion-mnist": _idx_
                "mnist": _idx_images("load_mnist")}
 
 
+#: How each image task's samples map to pictures: (layout, normalisation). Digits are flat 64-vectors in the runs.
+IMAGE_FORMATS: dict[str, tuple[InputSpec, Normalization]] = {
+    **{t: (InputSpec(1, 8, 8, 10), Normalization(0.0, 1.0)) for t in ("digits", "digits-wide", "digits-gelu")},
+    **{t: (InputSpec(1, 28, 28, 10), Normalization(0.5, 0.5)) for t in ("fashion-mnist", "mnist")},
+}
+
+
 def load_images(task: str, data_dir: str | None = None) -> ImageData:
     if task not in IMAGE_TASKS:
         raise ValueError(f"task={task!r} has no image data for the leak experiment; "

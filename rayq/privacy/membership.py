@@ -24,7 +24,7 @@ from torch import nn
 
 
 def _scores(x: torch.Tensor | Sequence[float], what: str) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    t = torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1)
     if t.numel() == 0:
         raise ValueError(f"{what} is empty; the attack needs at least one sample of each kind")
     if not torch.isfinite(t).all():
@@ -197,3 +197,41 @@ def gradient_alignment_attack(update: torch.Tensor, member_grads: torch.Tensor,
     cm = nn.functional.cosine_similarity(member_grads.double(), u.unsqueeze(0), dim=1)
     cn = nn.functional.cosine_similarity(nonmember_grads.double(), u.unsqueeze(0), dim=1)
     return AlignmentAttack(tuple(cm.tolist()), tuple(cn.tolist()), threshold_attack(cm, cn))
+
+
+_PROBE_PURPOSE = 0x4D454D42
+
+
+@dataclass(frozen=True, eq=False)
+class MembershipProbe:
+    """A fixed, balanced member / non-member set, scored at every evaluation of a training run.
+
+    Members are a seeded subset of the training split (every training sample is in some worker's shard),
+    non-members as many test samples; the figures are those of :func:`membership_report`, named as the
+    run's TensorBoard tags.
+    """
+
+    members: tuple[torch.Tensor, torch.Tensor]
+    nonmembers: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def sample(cls, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], samples: int,
+               seed: int = 0) -> MembershipProbe:
+        """``min(samples, len(train), len(test))`` of each, drawn with a generator seeded by ``seed``."""
+        from compressors.base import mix_seed
+
+        k = min(samples, len(train[1]), len(test[1]))
+        if k < 1:
+            raise ValueError(f"a membership probe needs samples; got {len(train[1])} train and {len(test[1])} test")
+        g = torch.Generator().manual_seed(mix_seed(seed, _PROBE_PURPOSE))
+        im, it = torch.randperm(len(train[1]), generator=g)[:k], torch.randperm(len(test[1]), generator=g)[:k]
+        return cls((train[0][im], train[1][im]), (test[0][it], test[1][it]))
+
+    def metrics(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
+        """``privacy/train_test_gap`` (accuracy, members − non-members), ``privacy/correctness_attack_acc``,
+        ``privacy/loss_auc``, ``privacy/tpr_at_1pct_fpr`` and ``privacy/loss_gap`` of ``model`` now."""
+        (xm, ym), (xn, yn) = self.members, self.nonmembers
+        r = membership_report(model, (xm.to(device), ym.to(device)), (xn.to(device), yn.to(device)))
+        return {"privacy/train_test_gap": r.accuracy_gap, "privacy/loss_gap": r.loss_gap,
+                "privacy/correctness_attack_acc": r.correctness_attack, "privacy/loss_auc": r.loss_attack.auc,
+                "privacy/tpr_at_1pct_fpr": r.loss_attack.tpr_at_1pct_fpr}

@@ -156,3 +156,47 @@ def decoder_leakage(client: nn.Module, decoder: nn.Module, x: torch.Tensor, norm
     finite = [p for p in scores.psnr if math.isfinite(p)]
     return DecoderLeakage(psnr_mean=sum(finite) / max(1, len(finite)), ssim_mean=sum(scores.ssim) / len(scores.ssim),
                           dcor2=float(bias_corrected_dcor2(x, z)), samples=len(x))
+
+
+@dataclass(frozen=True, eq=False)
+class DecoderAttack:
+    """The decoder attack on a trained client network: its scores, and a few reconstructions to look at."""
+
+    leakage: DecoderLeakage
+    public: int                  # images the attacker fitted its decoder on
+    originals: torch.Tensor      # up to 16 held-out images in pixels, (n, C, H, W)
+    reconstructions: torch.Tensor
+
+
+def decoder_attack(client: nn.Module, x: torch.Tensor, spec: InputSpec, norm: Normalization, *, epochs: int = 200,
+                   hidden: int = 256, seed: int = 0, max_public: int = 4096, max_scored: int = 512) -> DecoderAttack:
+    """Attack a frozen client network with held-out data ``x`` (in the layout the client takes).
+
+    A seeded half of ``x`` (at most ``max_public``) is the attacker's public data: it queries the client
+    and fits an :func:`mlp_decoder` Z → X on the pairs; the other half (at most ``max_scored``, which
+    keeps the O(n²) dCor small) is scored one to one with PSNR/SSIM and the bias-corrected dCor².
+    """
+    if len(x) < 8:
+        raise ValueError(f"the decoder attack needs at least 8 held-out images; got {len(x)}")
+    g = torch.Generator().manual_seed(mix_seed(seed, _DECODER_PURPOSE, 2))
+    order = torch.randperm(len(x), generator=g)
+    half = len(x) // 2
+    public, scored = x[order[:min(half, max_public)]], x[order[half:half + max_scored]]
+    images = (spec.channels, spec.height, spec.width)
+    layout = tuple(x.shape[1:])
+
+    class _FromImages(nn.Module):
+        def forward(self, pictures: torch.Tensor) -> torch.Tensor:
+            return client(pictures.reshape(len(pictures), *layout))
+
+    querying = _FromImages()
+    public_img, scored_img = public.reshape(len(public), *images), scored.reshape(len(scored), *images)
+    with torch.no_grad():
+        dim = querying(public_img[:1]).numel()
+    decoder = mlp_decoder(dim, spec, hidden=hidden, seed=seed)
+    train_decoder_attack(querying, decoder, public_img, epochs=epochs, seed=seed)
+    leakage = decoder_leakage(querying, decoder, scored_img, norm)
+    with torch.no_grad():
+        shown = scored_img[:16]
+        rebuilt = decoder(querying(shown))
+    return DecoderAttack(leakage, len(public), norm.to_pixels(shown), norm.to_pixels(rebuilt))
