@@ -96,6 +96,7 @@ def problems(cfg: RunConfig, p: str = "") -> list[str]:
     out += _fault_rules(s, cfg, p)
     out += _trainer_rules(s, cfg, p)
     out += _optimizer_rules(s, cfg, p)
+    out += _split_rules(s, cfg, p)
     return out
 
 
@@ -242,4 +243,44 @@ def _optimizer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     if s.optimizer in ("blaq", "laq_weights") and cfg.on_nonfinite == "skip":
         out.append(f"{p}optimizer.name={s.optimizer!r} is invalid with {p}on_nonfinite='skip': a non-finite gradient "
                    "inside its two-evaluation step cannot be skipped half-way; use on_nonfinite=raise")
+    return out
+
+
+def _split_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
+    out: list[str] = []
+    if s.trainer != "split":
+        if cfg.split != type(cfg.split)():
+            out.append(f"{p}split.* is set but {p}trainer={s.trainer!r}: the split section configures trainer split "
+                       "(split learning); set trainer=split, or leave split.* at its defaults")
+        return out
+    if s.schedule != "every_step":
+        out.append(f"{p}trainer='split' is invalid with {p}sync.schedule={s.schedule!r}: the server needs every "
+                   "client's activations at every step; choose sync.schedule every_step")
+    if s.faults:
+        key = next(iter(sorted(s.fault_keys.values())))
+        out.append(f"{key} is invalid with {p}trainer='split': the server waits for every client's activations and "
+                   "has no fault handling; choose trainer sync (or volunteer) for fault injection")
+    if s.error_feedback:
+        out.append(f"{p}compression.error_feedback=true is invalid with {p}trainer='split': activations and their "
+                   "gradients belong to one batch, so a residual carried to the next batch would be added to other "
+                   "samples' activations; set compression.error_feedback=false")
+    for key, codec in s.codecs:
+        if codec.multi_round:
+            out.append(f"{p}trainer='split' is invalid with {key}={codec.name!r}: its rounds need a sum over all "
+                       "workers, and activations travel from each client to the server alone; choose a "
+                       "single-round codec")
+        elif not codec.carries_scale:
+            out.append(f"{p}trainer='split' is invalid with {key}={codec.name!r}: activations and their gradients "
+                       "must keep their scale, and this codec decodes to ±1; choose e.g. int8, qsgd or fp16")
+    from rayq.privacy.leak import IMAGE_FORMATS
+    from rayq.smashed import cut_problem
+    from rayq.tasks import get_task
+
+    problem = cut_problem(get_task(cfg.task).build_model(), cfg.split.cut)
+    if problem:
+        out.append(f"{p}split.cut={cfg.split.cut!r} is invalid with {p}task={cfg.task!r}: {problem}")
+    if cfg.split.decoder_attack and cfg.task not in IMAGE_FORMATS:
+        out.append(f"{p}split.decoder_attack=true is invalid with {p}task={cfg.task!r}: the decoder attack rebuilds "
+                   f"images, and this task has none; choose one of {', '.join(IMAGE_FORMATS)}, or set "
+                   "split.decoder_attack=false")
     return out
