@@ -69,6 +69,24 @@ class Packet:
         """Exactly ``len(self.to_bytes())``, without copying the payload off its device."""
         return len(self._header()) + sum(f.numel() * f.element_size() for f in self.fields) + _CRC.size
 
+    def write(self, out: torch.Tensor) -> int:
+        """Write this packet's wire form into the front of the uint8 tensor ``out``; return its length.
+
+        The bytes are exactly :meth:`to_bytes`'s, laid out with tensor copies on ``out``'s device (the header
+        is a few host bytes; the fields are copied as raw bytes, not serialized). The CRC-32 is computed
+        over the written bytes (on the host: for a CUDA frame that is the one device-to-host read)."""
+        header = self._header()
+        n = len(header)
+        out[:n].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        for f in self.fields:
+            k = f.numel() * f.element_size()
+            if k:
+                out[n:n + k].copy_(f.detach().reshape(-1).contiguous().view(torch.uint8))
+            n += k
+        body = out[:n] if out.device.type == "cpu" else out[:n].cpu()
+        out[n:n + _CRC.size].copy_(torch.frombuffer(bytearray(_CRC.pack(zlib.crc32(body.numpy()))), dtype=torch.uint8))
+        return n + _CRC.size
+
     def to_bytes(self) -> bytes:
         body = [self._header()]
         for f in self.fields:
@@ -123,7 +141,7 @@ class Packet:
         if zlib.crc32(buf[offset:pos - _CRC.size]) != crc:
             raise PacketError("corrupted packet: checksum mismatch")
         fields = tuple(
-            torch.frombuffer(bytearray(r), dtype=torch.uint8).view(dtype).reshape(shape)
+            torch.frombuffer(r, dtype=torch.uint8).clone().view(dtype).reshape(shape)
             if len(r) else torch.empty(shape, dtype=dtype)
             for (dtype, shape), r in zip(specs, raw)
         )
@@ -136,6 +154,25 @@ class Packet:
 def pack_frame(packets: list[Packet]) -> bytes:
     """Concatenate packets into one message (each packet is self-delimiting)."""
     return b"".join(p.to_bytes() for p in packets)
+
+
+def frame_tensor(packets: list[Packet], device: torch.device | str = "cpu", spare: int = 0) -> torch.Tensor:
+    """:func:`pack_frame` as one contiguous uint8 tensor on ``device`` (byte for byte the same), written in
+    place with one copy of each field; ``spare`` extra zero bytes may follow (a transport's padding)."""
+    total = sum(p.nbytes for p in packets)
+    out = torch.empty(total + spare, dtype=torch.uint8, device=device)
+    pos = 0
+    for p in packets:
+        pos += p.write(out[pos:])
+    if spare:
+        out[total:].zero_()
+    return out
+
+
+def unpack_tensor(frame: torch.Tensor, count: int) -> list[Packet]:
+    """:func:`unpack_frame` reading straight from a CPU uint8 tensor's memory (fields are copied once)."""
+    data = frame.cpu() if frame.device.type != "cpu" else frame
+    return unpack_frame(memoryview(data.numpy()) if data.numel() else b"", count)
 
 
 def unpack_frame(data: bytes | bytearray | memoryview, count: int) -> list[Packet]:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressors import Codec, Kind, Packet, PacketError, TensorInfo, make_codec, pack_frame, unpack_frame
+from compressors import (Codec, Kind, Packet, PacketError, TensorInfo, frame_tensor, make_codec, pack_frame, unpack_frame,
+                         unpack_tensor)
 from compressors.policy import Entry, Policy
 from rayq.transport import Purpose, Transport, WireRecord
 
@@ -347,17 +348,17 @@ class CompressedGroup:
             else:
                 packet = e.codec.encode(flats[e.key], info)
             packets.append(packet)
-        frame = pack_frame(packets)
+        frame = frame_tensor(packets, self.transport.device)
         t1 = clock.now()
         ledger.encode_s += t1 - t0
         ledger.packets += len(packets)
         ledger.rounds += 1
         ledger.packet_bytes.extend(p.nbytes for p in packets)
-        ledger.bytes_up += len(frame)
-        frames = self.transport.all_gather_bytes(frame)
+        ledger.bytes_up += frame.numel()
+        frames = self.transport.all_gather_frames(frame)
         t2 = clock.now()
         ledger.comm_s += t2 - t1
-        ledger.bytes_down += sum(len(f) for w, f in enumerate(frames) if w != self.rank)
+        ledger.bytes_down += sum(f.numel() for w, f in enumerate(frames) if w != self.rank)
         device = flats[entries[0].key].device
         decoded: list[list[torch.Tensor]] = [[] for _ in entries]
         used: list[float] = []
@@ -367,7 +368,7 @@ class CompressedGroup:
                 continue
             try:
                 parts = [e.codec.decode(p.to(device), self._info(e, step, worker=w, weights=weights))
-                         for e, p in zip(entries, unpack_frame(data, len(entries)))]
+                         for e, p in zip(entries, unpack_tensor(data, len(entries)))]
             except PacketError as err:  # lost or corrupted bytes: dropped by every receiver alike
                 ledger.dropped.append((w, str(err)))
                 continue

@@ -151,26 +151,36 @@ class Transport:
         return sizes
 
     def all_gather_bytes(self, data: bytes, purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
+        """Variable-size frames as bytes (see :meth:`all_gather_frames`)."""
+        frames = self.all_gather_frames(_to_uint8(data, self.device), purpose)
+        return [_to_bytes(f) for f in frames]
+
+    def all_gather_frames(self, frame: torch.Tensor, purpose: Purpose = Purpose.PAYLOAD) -> list[torch.Tensor]:
+        """Every worker's variable-size uint8 frame (this one included, in rank order), as tensors on the
+        transport's device: no detour through Python bytes. Padded (default) or direct (see the module)."""
+        frame = frame.to(self.device)
         if self.tamper is not None and purpose is Purpose.PAYLOAD:
-            data, self.tamper = self.tamper(data), None
-        lengths = self._sizes(len(data))
+            frame, self.tamper = _to_uint8(self.tamper(_to_bytes(frame)), self.device), None
+        lengths = self._sizes(frame.numel())
         if self.world == 1:
-            return [data]
+            return [frame]
         if self.gather == "direct":
-            chunks = [_to_uint8(data if j != self.rank else b"", self.device) for j in range(self.world)]
-            recv = [n if w != self.rank else 0 for w, n in enumerate(lengths)]
-            got = self._all_to_all(chunks, recv)
+            empty = frame[:0]
+            got = self._all_to_all([frame if j != self.rank else empty for j in range(self.world)],
+                                   [n if w != self.rank else 0 for w, n in enumerate(lengths)])
             self.record(WireRecord("alltoall", 1, tuple((self.world - 1) * n for n in lengths),
                                    tuple(sum(lengths) - n for n in lengths), purpose=Purpose(purpose).value))
-            return [data if w == self.rank else _to_bytes(t) for w, t in enumerate(got)]
+            return [frame if w == self.rank else t for w, t in enumerate(got)]
         longest = max(lengths)
-        buf = torch.zeros(longest, dtype=torch.uint8, device=self.device)
-        if data:
-            buf[: len(data)] = _to_uint8(data, self.device)
+        if frame.numel() == longest:
+            buf = frame
+        else:
+            buf = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+            buf[:frame.numel()] = frame
         outs = self._all_gather(buf)
         self.record(WireRecord("allgather", 1, (longest,) * self.world, purpose=Purpose(purpose).value,
                                padding=tuple(longest - n for n in lengths)))
-        return [_to_bytes(o[:n]) for o, n in zip(outs, lengths)]
+        return [o[:n] for o, n in zip(outs, lengths)]
 
     def all_to_all_bytes(self, chunks: list[bytes], purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
         """Send ``chunks[j]`` to worker j; return what every worker sent to this one (by source)."""

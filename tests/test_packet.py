@@ -92,3 +92,18 @@ def test_a_rank_one_factor_with_a_non_unit_stride_serializes():
     back = Packet.from_bytes(packet.to_bytes())
     assert len(packet.to_bytes()) == packet.nbytes
     torch.testing.assert_close(codec.decode(back, info), codec.decode(packet, info), rtol=0, atol=0)
+
+
+def test_a_frame_built_in_a_tensor_is_byte_identical_to_to_bytes_for_every_codec():
+    from compressors import REGISTRY, TensorInfo, frame_tensor, make_codec, pack_frame, unpack_tensor
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+    packets = [make_codec(name).encode(x, TensorInfo("w", (64, 48))) for name in REGISTRY]
+    frame = frame_tensor(packets)
+    assert frame.dtype == torch.uint8 and bytes(frame.numpy()) == pack_frame(packets)
+    back = unpack_tensor(frame, len(packets))
+    assert [p.codec for p in back] == [p.codec for p in packets]
+    assert all(torch.equal(a, b) for p, q in zip(packets, back) for a, b in zip(p.fields, q.fields))
+    frame[frame.numel() // 2] ^= 0x5A  # one damaged byte: the receiver's CRC check refuses it
+    with pytest.raises(PacketError):
+        unpack_tensor(frame, len(packets))

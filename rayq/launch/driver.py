@@ -262,10 +262,14 @@ def train_many(cfgs: list[RunConfig], address: str | None = None) -> list[dict[s
     prepared = [prepare(c) for c in cfgs]
     first = prepared[0][0]
     for c, _ in prepared[1:]:
-        for key in ("workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "backend", "trainer"):
+        for key in ("workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "backend"):
             if getattr(c, key) != getattr(first, key):
                 raise ConfigError(f"train_many: every run must share {key}; got {getattr(first, key)!r} and "
                                   f"{getattr(c, key)!r}")
+    loops = ("sync", "ddp")
+    odd = next((c.trainer for c, _ in prepared if c.trainer not in loops), None)
+    if odd is not None:
+        raise ConfigError(f"train_many: trainer={odd!r} cannot share a worker group; choose one of: {', '.join(loops)}")
     init_ray(address)
     sweep_cfg = replace(first, trainer="trainers.sweep:train_loop", name=f"{first.name}-sweep")
     sweep_dir = prepared[0][1].parent / str(sweep_cfg.name)
