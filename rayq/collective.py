@@ -224,11 +224,19 @@ class CompressedGroup:
         ledger.wire.extend(self.transport.take_records())
         return ledger
 
+    def allreduce_entries(self, entries: list[Entry], tensors: dict[str, torch.Tensor], step: int,
+                          measure: bool = False, weights: list[float] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], Ledger]:
+        """Average only ``entries`` of this group's plan (``tensors`` holds at least their members): one
+        bucket of an exchange that overlaps the backward pass. Every worker calls it with the same entries."""
+        return self._reduce(tensors, step, measure, True, weights, entries)
+
     def _reduce(self, tensors: dict[str, torch.Tensor], step: int, measure: bool, mean: bool,
-                weights: list[float] | None) -> tuple[dict[str, torch.Tensor], Ledger]:
+                weights: list[float] | None, entries: list[Entry] | None = None
+                ) -> tuple[dict[str, torch.Tensor], Ledger]:
         if weights is not None and len(weights) != self.world:
             raise ValueError(f"weights has {len(weights)} entries for a group of {self.world} workers")
-        plan = self.plan(tensors)
+        plan = self.plan(tensors) if entries is None else entries
         ledger = Ledger(rank=self.rank)
         clock = _Clock(next(iter(tensors.values())).device)
         flats: dict[str, torch.Tensor] = {}
@@ -239,6 +247,10 @@ class CompressedGroup:
         by_route: dict[str, list[Entry]] = {}
         for e in plan:
             by_route.setdefault(self._routes[e.key], []).append(e)
+        if entries is not None:  # routes of the entries of a plan made earlier from every tensor
+            by_route = {}
+            for e in plan:
+                by_route.setdefault(self._routes[e.key], []).append(e)
         averaged: dict[str, torch.Tensor] = {}
         reducers = {"allreduce": self._linear, "allgather": self._gather, "two_phase": self._two_phase}
         for name, entries in by_route.items():

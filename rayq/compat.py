@@ -102,6 +102,12 @@ def problems(cfg: RunConfig, p: str = "") -> list[str]:
 
 def _codec_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     out = []
+    if cfg.compression.overlap and (s.schedule != "every_step" or s.trainer != "sync" or cfg.optimizer.needs_closure):
+        why = (f"sync.schedule={s.schedule!r} exchanges after its local steps" if s.schedule != "every_step" else
+               f"trainer={s.trainer!r} runs its own exchange" if s.trainer != "sync" else
+               f"optimizer.name={cfg.optimizer.name!r} evaluates the gradient twice per step")
+        out.append(f"{p}compression.overlap=true is invalid here: it overlaps the gradient exchange with backward, and "
+                   f"{p}{why}; use sync.schedule every_step with the sync trainer and a one-evaluation optimizer")
     if cfg.compression.bucket_mb is not None and s.codecs[0][1].multi_round:
         out.append(f"{p}compression.bucket_mb={cfg.compression.bucket_mb:g} is invalid with compression.codec="
                    f"{s.codecs[0][1].name!r}: it approximates each weight matrix by its own shape, which a flat bucket "

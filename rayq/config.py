@@ -120,6 +120,8 @@ class CompressionConfig:
     bucket_small: bool = True
     #: Lay gradients end to end into flat buckets of up to this many MB, one packet each (null: per tensor).
     bucket_mb: float | None = None
+    #: Exchange each tensor or bucket as soon as backward has produced it, beside the rest of backward.
+    overlap: bool = False
     overrides: list[OverrideConfig] = field(default_factory=list)
 
     def validate(self, path: str) -> None:

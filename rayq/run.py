@@ -129,6 +129,7 @@ class Window:
     loss: float = 0.0
     steps: int = 0
     compute_s: float = 0.0
+    exposed_s: float = 0.0
     sim_comm_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
@@ -156,6 +157,7 @@ def metrics_of(done: int, plan: Plan, window: Window, wall_s: float, bytes_total
         "time/encode_s": w.encode_s / n,
         "time/comm_s": w.comm_s / n,
         "time/decode_s": w.decode_s / n,
+        "time/exposed_comm_s": window.exposed_s / n,
         "time/step_s": (time.perf_counter() - window.started) / n,
         "time/wall_s": wall_s,
         "train/skipped_steps": skipped,
@@ -299,6 +301,7 @@ class Run:
         self.window.loss += float(loss.detach())
         self.window.steps += 1
         self.window.compute_s += compute_s
+        self.window.exposed_s += outcome.exposed_s
         done = step + 1
         report = self._reports(step)
         extra: dict[str, Any] = {}

@@ -1,9 +1,9 @@
 """What is averaged, and when: one contract for every schedule.
 
-A :class:`Schedule` is handed each step's local gradients (in the replica's ``p.grad``) and the step's
-faults, exchanges what it needs through the compressed group, applies the update with the replica's
-optimizer, and returns an :class:`Outcome` (the ledger, whether it synced, whether it applied). The
-training loop never branches on the kind:
+A :class:`Schedule` is handed each step's backward pass (a closure) and the step's faults, runs it,
+exchanges what it needs through the compressed group, applies the update with the replica's optimizer,
+and returns an :class:`~rayq.replica.Outcome` (the ledger, whether it synced and applied, the loss, the
+compute time and the communication the step waited for). The training loop never branches on the kind:
 
 * :class:`EveryStep` — gradients averaged every step (synchronous data-parallel SGD);
 * :class:`Periodic` — local SGD: every ``period`` steps the replicas average their *model delta* since
@@ -11,7 +11,7 @@ training loop never branches on the kind:
   (Douillard et al., 2023);
 * :class:`Adaptive` — like periodic, with the period rescaled after each sync so the end-of-period
   parameter variance stays near κ·V_ref (ADPSGD's principle; the controller is our reconstruction);
-* :class:`LAQ` — lazily aggregated quantized gradients (Sun, Chen, Giannakis, Yang, NeurIPS 2019): a
+* :class:`~rayq.laq.LAQ` — lazily aggregated quantized gradients (Sun, Chen, Giannakis, Yang, NeurIPS 2019): a
   worker uploads its gradient *innovation* through its codec only when it changed enough; receivers
   keep every worker's last upload.
 
@@ -20,99 +20,24 @@ Every schedule is checkpointable (``state_dict``) and reports its own figures (`
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass, field
-from collections.abc import Callable
+import threading
+import time
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
-from compressors import Packet, PacketError, TensorInfo, pack_frame, unpack_frame
 from compressors.base import mix_seed
 from rayq.collective import CompressedGroup, Ledger
-from rayq.errors import NonFiniteGradientError
 from rayq.faults import StepFaults
-from rayq.transport import Purpose, Transport
-
-
-@dataclass
-class Replica:
-    """One worker's copy of the model and what updates it."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    on_nonfinite: str = "raise"
-    rank: int = 0
-    #: The optimizer evaluates the averaged gradient itself, through a closure (BLAQ: at the weights and at a
-    #: trial point; each evaluation is a forward, a backward and an exchange).
-    needs_closure: bool = False
-
-    def __post_init__(self) -> None:
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    @property
-    def elements(self) -> int:
-        return sum(p.numel() for _, p in self.params)
-
-    def grads(self) -> dict[str, torch.Tensor]:
-        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params}
-
-    def finite(self, tensors: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int, what: str) -> bool:
-        """NaN/Inf detection with one reduction; ``raise`` names this worker's offending local tensors."""
-        if bool(torch.isfinite(torch.stack([t.float().norm() for t in tensors.values()]).sum())):
-            return True
-        if self.on_nonfinite == "raise":
-            bad = [n for n, g in local.items() if not torch.isfinite(g).all()]
-            raise NonFiniteGradientError(
-                f"step {step}: the {what} is not finite (NaN/Inf); worker {self.rank}'s non-finite local "
-                f"gradients: {bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
-        return False
-
-    def apply(self, update: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int,
-              what: str = "averaged gradient") -> bool:
-        """Put ``update`` in the gradients and take one optimizer step; False (skipped) if it is not finite."""
-        if not self.finite(update, local, step, what):
-            return False
-        for n, p in self.params:
-            if p.grad is None:
-                p.grad = update[n].detach().clone()
-            else:
-                p.grad.copy_(update[n])
-        self.optimizer.step()
-        return True
-
-    def average_buffers(self, transport: Transport) -> None:
-        """BatchNorm running statistics differ per worker: average them (exact, counted as control)."""
-        bufs = [b for b in self.model.buffers() if b.is_floating_point()]
-        if not bufs or transport.world == 1:
-            return
-        flat = transport.all_reduce_sum(torch.cat([b.detach().reshape(-1) for b in bufs]), Purpose.CONTROL)
-        flat = flat / transport.world
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
-
-
-@dataclass
-class Outcome:
-    """What one step of a schedule did."""
-
-    ledger: Ledger
-    synced: bool
-    applied: bool
-
-
-#: Recompute this worker's local gradients at the current weights (zero, forward, backward; returns the loss).
-Backward = Callable[[], torch.Tensor]
+from rayq.laq import LAQ
+from rayq.replica import Backward, Outcome, Replica, run_backward, timed, weights_of
 
 
 class Schedule(Protocol):
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
-        """Exchange and apply this step's update (the local gradients are in the replica's ``p.grad``;
-        ``backward`` recomputes them, for optimizers that evaluate the gradient more than once)."""
+        """Run ``backward`` (this worker's forward and backward pass; None: the gradients are already in the
+        replica's ``p.grad``), exchange, and apply the update. The schedule decides when backward runs: before
+        the exchange, beside it (overlap), or twice (an optimizer with a trial point)."""
         ...
 
     def resync(self, faults: StepFaults) -> None:
@@ -129,27 +54,87 @@ class Schedule(Protocol):
         ...
 
 
-def _weights(faults: StepFaults | None) -> list[float] | None:
-    return None if faults is None else faults.weights
-
-
 # ---------------------------------------------------------------------------------------- every step
 
 
 class EveryStep:
-    """Synchronous data-parallel SGD: the (weighted) mean of the decoded gradients, every step."""
+    """Synchronous data-parallel SGD: the (weighted) mean of the decoded gradients, every step.
 
-    def __init__(self, replica: Replica, group: CompressedGroup) -> None:
-        self.replica, self.group = replica, group
+    With ``overlap`` the exchange runs beside the backward pass, as DDP's buckets do: each entry of the
+    group's plan (a tensor, or a flat bucket) is exchanged on a communication thread as soon as backward has
+    produced all of its gradients, in one fixed order on every worker (the reverse of the model, as
+    gradients appear); the step waits only for what backward did not hide (``Outcome.exposed_s``).
+    """
+
+    def __init__(self, replica: Replica, group: CompressedGroup, overlap: bool = False) -> None:
+        self.replica, self.group, self.overlap = replica, group, overlap
         self.syncs = 0
+        self._units: list[_Unit] | None = None
 
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
         if self.replica.needs_closure:
             return self._closure_step(step, faults, measure, backward)
+        if self.overlap and backward is not None:
+            return self._overlapped(step, faults, measure, backward)
+        loss, compute_s = run_backward(backward)
+        started = time.perf_counter()
         grads = self.replica.grads()
-        averaged, ledger = self.group.allreduce_mean(grads, step, measure=measure, weights=_weights(faults))
+        averaged, ledger = self.group.allreduce_mean(grads, step, measure=measure, weights=weights_of(faults))
         self.syncs += 1
-        return Outcome(ledger, True, self.replica.apply(averaged, grads, step))
+        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), started, loss, compute_s)
+
+    # -- overlap ----------------------------------------------------------------------------------------------
+    def _prepare_units(self) -> list[_Unit]:
+        if self._units is None:
+            index = {n: i for i, (n, _) in enumerate(self.replica.params)}
+            plan = self.group.plan({n: p.detach() for n, p in self.replica.params})
+            by_name = dict(self.replica.params)
+            units = [_Unit(e, [by_name[m] for m in e.members]) for e in plan]  # in the entry's member order
+            units.sort(key=lambda u: -min(index[m] for m in u.entry.members))  # the order backward completes them
+            for u in units:
+                for p in u.params:
+                    p.register_post_accumulate_grad_hook(u.ready_one)
+            self._units = units
+        return self._units
+
+    def _overlapped(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward) -> Outcome:
+        units = self._prepare_units()
+        for u in units:
+            u.arm()
+        results: list[tuple[dict[str, torch.Tensor], Ledger]] = []
+        failure: list[BaseException] = []
+
+        def communicate() -> None:
+            try:
+                for u in units:
+                    u.done.wait()
+                    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                             for n, p in zip(u.entry.members, u.params)}
+                    results.append(self.group.allreduce_entries([u.entry], grads, step, measure, weights_of(faults)))
+            except BaseException as err:  # noqa: BLE001 - re-raised on the training thread
+                failure.append(err)
+
+        thread = threading.Thread(target=communicate, name="rayq-overlap", daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            loss = backward()
+        finally:
+            for u in units:  # a parameter that got no gradient never fires its hook
+                u.done.set()
+        compute_s = time.perf_counter() - t0
+        started = time.perf_counter()
+        thread.join()
+        if failure:
+            raise failure[0]
+        averaged: dict[str, torch.Tensor] = {}
+        ledger = Ledger(rank=self.group.rank)
+        for out, part in results:
+            averaged.update(out)
+            ledger.add(part)
+        grads = self.replica.grads()
+        self.syncs += 1
+        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), started, loss, compute_s)
 
     def _closure_step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None) -> Outcome:
         """The optimizer asks for the averaged gradient as often as it needs it (BLAQ: twice); the first
@@ -157,6 +142,8 @@ class EveryStep:
         if backward is None:
             raise ValueError(f"optimizer {type(self.replica.optimizer).__name__} evaluates the gradient itself; "
                              "the trainer must pass schedule.step(..., backward=...)")
+        loss, compute_s = run_backward(backward)
+        started = time.perf_counter()
         ledger = Ledger(rank=self.group.rank)
         calls = [0]
 
@@ -166,7 +153,7 @@ class EveryStep:
             calls[0] += 1
             local = {n: g.detach().clone() for n, g in self.replica.grads().items()}
             averaged, part = self.group.allreduce_mean(local, step, measure=measure and calls[0] == 1,
-                                                       weights=_weights(faults))
+                                                       weights=weights_of(faults))
             ledger.add(part)
             self.replica.finite(averaged, local, step, "averaged gradient")
             for n, p in self.replica.params:
@@ -176,7 +163,7 @@ class EveryStep:
         self.replica.optimizer.step(closure)
         ledger.elements //= max(calls[0], 1)  # the same elements, exchanged once per evaluation
         self.syncs += 1
-        return Outcome(ledger, True, True)
+        return timed(Outcome(ledger, True, True), started, loss, compute_s)
 
     def resync(self, faults: StepFaults) -> None:
         pass
@@ -189,6 +176,26 @@ class EveryStep:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.syncs = int(state.get("syncs", 0))
+
+
+class _Unit:
+    """One entry of the plan in an overlapped exchange: ready once backward has produced all its gradients."""
+
+    def __init__(self, entry: Any, params: list[torch.nn.Parameter]) -> None:
+        self.entry, self.params = entry, params
+        self.done = threading.Event()
+        self._left = len(params)
+        self._lock = threading.Lock()
+
+    def arm(self) -> None:
+        self.done.clear()
+        self._left = len(self.params)
+
+    def ready_one(self, _param: torch.Tensor) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.done.set()
 
 
 # ---------------------------------------------------------------------------------------- model averaging
@@ -290,16 +297,18 @@ class Periodic:
         return step + 1 - self.last_sync >= self.period
 
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
+        loss, compute_s = run_backward(backward)
+        started = time.perf_counter()
         grads = self.replica.grads()
         applied = self.replica.finite(grads, grads, step, "local gradient")
         if applied:
             self.replica.optimizer.step()
         ledger = Ledger(rank=self.group.rank, elements=self.replica.elements)
         if not self.should_sync(step):
-            return Outcome(ledger, False, applied)
+            return timed(Outcome(ledger, False, applied), started, loss, compute_s)
         ledger, variance, finite = self.averager.sync(step, measure)
         self.observe(step, variance)
-        return Outcome(ledger, True, applied and finite)
+        return timed(Outcome(ledger, True, applied and finite), started, loss, compute_s)
 
     def observe(self, step: int, variance: float) -> None:
         self.last_sync = step + 1
@@ -365,157 +374,6 @@ class Adaptive(Periodic):
         self.warm_variances, self.v_ref, self.history = list(state["warm"]), state["v_ref"], list(state["history"])
 
 
-# ---------------------------------------------------------------------------------------- LAQ
-
-
-#: The frame of a worker that does not upload this round (a header-only packet: its bytes are counted).
-SKIP = "skip"
-
-
-@dataclass
-class LAQState:
-    """LAQ's bookkeeping, identical on every worker (every worker sees every upload)."""
-
-    refs: torch.Tensor                        # [world, d]: each worker's last upload Q_m(θ̂_m), summed innovations
-    aggregate: torch.Tensor                   # Σ_m Q_m(θ̂_m), maintained incrementally
-    own_err_sq: float = 0.0                   # ‖ε̂‖² at this worker's last upload
-    skips: int = 0                            # t_m: rounds since this worker's last upload
-    force: bool = True                        # upload next round regardless of the rule (start, rejoin, heal)
-    diffs: deque = field(default_factory=deque)  # ‖θ^{k+1−d} − θ^{k−d}‖², newest first
-    uploads: int = 0
-    rounds: int = 0
-
-
-class LAQ:
-    """Lazily aggregated quantized gradients over the group's codecs.
-
-    Worker m's innovation δ_m = g_m − Q_m(θ̂_m) goes through the codec its policy assigns (codec ``laq`` is
-    the paper's b-bit quantiser; others work too). Mean convention (a sum over workers divided by M, step
-    lr): the paper's threshold 1/(α²M²) becomes 1/lr² (lr/(1−β) under momentum β). Worker m skips when
-        ‖δQ_m‖² ≤ (1/lr²)·Σ_d ξ_d‖θ^{k+1−d} − θ^{k−d}‖² + c(‖ε_m^k‖² + ‖ε̂_m‖²)   and  t_m < t̄,
-    with ξ_d = xi/D and c = error_weight. A skip is a header-only frame (counted). A worker that is late
-    (deadline), away, or whose frame was lost or corrupted does not upload: every receiver, the sender
-    included, keeps its last upload, so the references never diverge. The applied gradient is
-    Σ_m Q_m / (workers present).
-    """
-
-    def __init__(self, replica: Replica, group: CompressedGroup, memory: int = 10, xi: float = 0.8,
-                 max_skips: int = 100, error_weight: float = 3.0) -> None:
-        self.replica, self.group = replica, group
-        self.memory, self.xi, self.max_skips, self.error_weight = memory, xi, max_skips, error_weight
-        d = replica.elements
-        dev = replica.params[0][1].device
-        self.state = LAQState(refs=torch.zeros(group.world, d, device=dev), aggregate=torch.zeros(d, device=dev),
-                              diffs=deque(maxlen=memory))
-
-    def threshold(self, lr: float) -> float:
-        k = len(self.state.diffs)
-        if k == 0:
-            return 0.0
-        weight = self.xi / self.memory if k >= self.memory else self.xi / k  # ξ/k for k ≤ D (reference code)
-        return weight * sum(self.state.diffs) / lr**2
-
-    def _lr(self) -> float:
-        g0 = self.replica.optimizer.param_groups[0]
-        return g0["lr"] / (1.0 - g0["momentum"]) if g0.get("momentum") else g0["lr"]
-
-    def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
-        s, group, rank, world = self.state, self.group, self.group.rank, self.group.world
-        grads = self.replica.grads()
-        entries = group.plan(grads)
-        ledger = Ledger(rank=rank, elements=self.replica.elements)
-        g = torch.cat([torch.cat([grads[m].detach().reshape(-1) for m in e.members]).to(torch.float32)
-                       for e in entries])
-        offsets = [0]
-        for e in entries:
-            offsets.append(offsets[-1] + e.numel)
-        innovation = g - s.refs[rank]
-        packets, deltas = [], []
-        for i, e in enumerate(entries):
-            info = TensorInfo(e.key, e.shape, worker=rank, world=world, step=step, seed=group.seed)
-            packet, decoded = e.codec.encode_decode(innovation[offsets[i]:offsets[i + 1]], info)
-            packets.append(packet)
-            deltas.append(decoded.to(torch.float32))
-        delta = torch.cat(deltas)
-        err_sq = float(((s.refs[rank] + delta - g) ** 2).sum())
-        if measure:
-            ledger.err_sq += float(((delta - innovation) ** 2).sum())
-            ledger.ref_sq += float((innovation ** 2).sum())
-        can = faults is None or faults.weights[rank] > 0
-        lazy = float((delta ** 2).sum()) <= self.threshold(self._lr()) + self.error_weight * (err_sq + s.own_err_sq)
-        upload = can and (s.force or s.skips >= self.max_skips or not lazy)
-        frame = pack_frame(packets) if upload else Packet(SKIP, g.numel(), ()).to_bytes()
-        ledger.bytes_up, ledger.packets, ledger.rounds = len(frame), len(packets) if upload else 1, 1
-        frames = group.transport.all_gather_bytes(frame)
-        ledger.bytes_down = sum(len(f) for w, f in enumerate(frames) if w != rank)
-        uploaded = set()
-        for w, data in enumerate(frames):
-            try:
-                first, _ = Packet.read(data, 0)
-                if first.codec == SKIP:
-                    continue
-                decoded = torch.cat([e.codec.decode(p.to(g.device), TensorInfo(e.key, e.shape, worker=w, world=world,
-                                                                                step=step, seed=group.seed))
-                                     for e, p in zip(entries, unpack_frame(data, len(entries)))]).to(torch.float32)
-            except PacketError as err:  # lost or corrupted: nobody (the sender included) counts the upload
-                ledger.dropped.append((w, str(err)))
-                continue
-            s.refs[w] += decoded
-            s.aggregate += decoded
-            s.uploads += 1
-            uploaded.add(w)
-        s.rounds += 1
-        if rank in uploaded:
-            s.skips, s.own_err_sq, s.force = 0, err_sq, False
-        else:
-            s.skips += 1
-        present = world if faults is None else max(1, sum(faults.present))
-        mean = s.aggregate / present
-        update = {}
-        for i, e in enumerate(entries):
-            flat, offset = mean[offsets[i]:offsets[i + 1]], 0
-            for name, n in zip(e.members, e.numels):
-                update[name] = flat[offset:offset + n].view(grads[name].shape).to(grads[name].dtype)
-                offset += n
-        before = torch.cat([p.detach().reshape(-1) for _, p in self.replica.params]).clone()
-        applied = self.replica.apply(update, grads, step)
-        after = torch.cat([p.detach().reshape(-1) for _, p in self.replica.params])
-        s.diffs.appendleft(float(((after - before) ** 2).sum()))
-        return Outcome(group.drain(ledger), bool(uploaded), applied)
-
-    def resync(self, faults: StepFaults) -> None:
-        """A departed worker's last upload leaves the aggregate (its gradient is no longer current); a worker
-        that rejoins or heals uploads in full next round."""
-        s = self.state
-        for w in faults.left:
-            s.aggregate -= s.refs[w]
-            s.refs[w].zero_()
-        if self.group.rank in faults.resync:
-            s.force, s.own_err_sq = True, 0.0
-
-    def invariant_error(self) -> float:
-        """|Σ_m Q_m(θ̂_m) − ∇|: zero up to float rounding."""
-        return float((self.state.refs.sum(0) - self.state.aggregate).abs().max())
-
-    def metrics(self) -> dict[str, float]:
-        s = self.state
-        return {"sync/uploads": float(s.uploads),
-                "sync/upload_fraction": s.uploads / (s.rounds * self.group.world) if s.rounds else math.nan}
-
-    def state_dict(self) -> dict[str, Any]:
-        s = self.state
-        return {"refs": s.refs.cpu().clone(), "aggregate": s.aggregate.cpu().clone(), "own_err_sq": s.own_err_sq,
-                "skips": s.skips, "force": s.force, "diffs": list(s.diffs), "uploads": s.uploads, "rounds": s.rounds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        s = self.state
-        dev = s.aggregate.device
-        s.refs, s.aggregate = state["refs"].to(dev), state["aggregate"].to(dev)
-        s.own_err_sq, s.skips, s.force = state["own_err_sq"], state["skips"], state["force"]
-        s.uploads, s.rounds = state["uploads"], state["rounds"]
-        s.diffs = deque(state["diffs"], maxlen=self.memory)
-
-
 # ---------------------------------------------------------------------------------------- factory
 
 
@@ -523,7 +381,7 @@ def build(cfg: Any, replica: Replica, group: CompressedGroup, steps_per_epoch: i
     """The schedule ``cfg.sync`` names, over ``group``."""
     sc = cfg.sync
     if sc.schedule == "every_step":
-        return EveryStep(replica, group)
+        return EveryStep(replica, group, overlap=cfg.compression.overlap)
     if sc.schedule == "laq":
         return LAQ(replica, group, memory=sc.memory, xi=sc.xi, max_skips=sc.max_skips, error_weight=sc.error_weight)
     common = dict(outer_lr=sc.outer_lr, outer_momentum=sc.outer_momentum, sketch=sc.variance_sketch, seed=cfg.seed)

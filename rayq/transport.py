@@ -159,8 +159,8 @@ class Transport:
         """Every worker's variable-size uint8 frame (this one included, in rank order), as tensors on the
         transport's device: no detour through Python bytes. Padded (default) or direct (see the module)."""
         frame = frame.to(self.device)
-        if self.tamper is not None and purpose is Purpose.PAYLOAD:
-            frame, self.tamper = _to_uint8(self.tamper(_to_bytes(frame)), self.device), None
+        if self.tamper is not None and purpose is Purpose.PAYLOAD:  # armed for the whole step by the fault injector
+            frame = _to_uint8(self.tamper(_to_bytes(frame)), self.device)
         lengths = self._sizes(frame.numel())
         if self.world == 1:
             return [frame]

@@ -328,3 +328,44 @@ def test_laq_sends_its_innovations_through_the_configured_codec():
     assert 3 * d * 4 / 8 < four < 3 * d * 4 / 8 * 1.05
     assert 3 * d * 2 / 8 < two < four * 0.6
     assert dense > 3 * d * 4
+
+
+# ------------------------------------------------------------------ overlap with backward
+
+
+def _overlap_run(transport, codec: str, overlap: bool, bucket_mb, weights):
+    from rayq.faults import StepFaults
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    group = CompressedGroup(Policy(codec, min_numel=0, bucket_mb=bucket_mb), transport, seed=2)
+    schedule = EveryStep(Replica(model, opt), group, overlap=overlap)
+    x, y = _shard(transport.rank, transport.world)
+    sent, exposed = 0, []
+    for step in range(4):
+        idx = slice(step * 16, (step + 1) * 16)
+
+        def backward():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            return loss
+
+        view = None if weights is None else StepFaults(step, [w > 0 for w in weights], weights, [1.0] * len(weights))
+        out = schedule.step(step, view, measure=False, backward=backward)
+        sent += out.ledger.bytes_up
+        exposed.append(out.exposed_s)
+        assert out.loss is not None and out.compute_s > 0
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), sent, exposed
+
+
+@pytest.mark.parametrize("codec, bucket_mb, weights", [("none", None, None), ("qsgd", None, None),
+                                                       ("qsgd", 0.005, None), ("topk", 0.005, [1.0, 0.0, 1.0])])
+def test_overlapping_the_exchange_with_backward_changes_nothing_but_the_timing(codec, bucket_mb, weights):
+    plain = run_local(3, _overlap_run, codec, False, bucket_mb, weights)
+    overlapped = run_local(3, _overlap_run, codec, True, bucket_mb, weights)
+    for (a, bytes_a, _), (b, bytes_b, exposed) in zip(plain, overlapped):
+        assert torch.equal(a, b)
+        assert bytes_a == bytes_b
+        assert all(e >= 0 for e in exposed)
+    assert torch.equal(overlapped[0][0], overlapped[1][0])

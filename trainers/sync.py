@@ -13,7 +13,6 @@ every codec's randomness derive from (seed, step, rank), so a resumed run contin
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch.nn.functional as F
@@ -33,16 +32,13 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         faults = run.begin(step)  # the fault plan: crash, delay, who contributes; rejoiners resynchronise
         x, y = run.batch(step)
 
-        def backward():
+        def backward():  # the schedule runs it: once, twice (BLAQ), or with the exchange overlapping it
             optimizer.zero_grad(set_to_none=False)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
 
-        t0 = time.perf_counter()
-        loss = backward()
-        compute_s = time.perf_counter() - t0
         outcome = schedule.step(step, faults, measure=run.measuring(step), backward=backward)
-        run.end(step, loss, outcome, compute_s, faults)
+        run.end(step, outcome.loss, outcome, outcome.compute_s, faults)
 
     return run.finish()

@@ -1,0 +1,116 @@
+"""One worker's replica of the model and what a step of any schedule reports.
+
+The pieces every schedule shares (:mod:`rayq.schedules`, :mod:`rayq.laq`): the :class:`Replica` (model,
+optimizer, NaN/Inf detection, applying an averaged update, averaging BatchNorm buffers), the
+:class:`Outcome` of a step, and the helpers that run the trainer's backward closure and time the step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rayq.collective import Ledger
+from rayq.errors import NonFiniteGradientError
+from rayq.faults import StepFaults
+from rayq.transport import Purpose, Transport
+
+
+@dataclass
+class Replica:
+    """One worker's copy of the model and what updates it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    on_nonfinite: str = "raise"
+    rank: int = 0
+    #: The optimizer evaluates the averaged gradient itself, through a closure (BLAQ: at the weights and at a
+    #: trial point; each evaluation is a forward, a backward and an exchange).
+    needs_closure: bool = False
+
+    def __post_init__(self) -> None:
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @property
+    def elements(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params}
+
+    def finite(self, tensors: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int, what: str) -> bool:
+        """NaN/Inf detection with one reduction; ``raise`` names this worker's offending local tensors."""
+        if bool(torch.isfinite(torch.stack([t.float().norm() for t in tensors.values()]).sum())):
+            return True
+        if self.on_nonfinite == "raise":
+            bad = [n for n, g in local.items() if not torch.isfinite(g).all()]
+            raise NonFiniteGradientError(
+                f"step {step}: the {what} is not finite (NaN/Inf); worker {self.rank}'s non-finite local "
+                f"gradients: {bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
+        return False
+
+    def apply(self, update: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int,
+              what: str = "averaged gradient") -> bool:
+        """Put ``update`` in the gradients and take one optimizer step; False (skipped) if it is not finite."""
+        if not self.finite(update, local, step, what):
+            return False
+        for n, p in self.params:
+            if p.grad is None:
+                p.grad = update[n].detach().clone()
+            else:
+                p.grad.copy_(update[n])
+        self.optimizer.step()
+        return True
+
+    def average_buffers(self, transport: Transport) -> None:
+        """BatchNorm running statistics differ per worker: average them (exact, counted as control)."""
+        bufs = [b for b in self.model.buffers() if b.is_floating_point()]
+        if not bufs or transport.world == 1:
+            return
+        flat = transport.all_reduce_sum(torch.cat([b.detach().reshape(-1) for b in bufs]), Purpose.CONTROL)
+        flat = flat / transport.world
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+@dataclass
+class Outcome:
+    """What one step of a schedule did: the exchange's ledger, whether it synced and applied an update, the
+    loss of this worker's batch, its compute time, and how long the step waited on communication after its
+    compute was done (all of the exchange without overlap; only the tail that backward did not hide, with it)."""
+
+    ledger: Ledger
+    synced: bool
+    applied: bool
+    loss: torch.Tensor | None = None
+    compute_s: float = 0.0
+    exposed_s: float = 0.0
+
+
+#: Recompute this worker's local gradients at the current weights (zero, forward, backward; returns the loss).
+Backward = Callable[[], torch.Tensor]
+
+
+def weights_of(faults: StepFaults | None) -> list[float] | None:
+    return None if faults is None else faults.weights
+
+
+def run_backward(backward: Backward | None) -> tuple[torch.Tensor | None, float]:
+    """Run this step's forward and backward (when the caller has not already): the loss and its seconds."""
+    if backward is None:
+        return None, 0.0
+    t0 = time.perf_counter()
+    loss = backward()
+    return loss, time.perf_counter() - t0
+
+
+def timed(outcome: Outcome, started: float, loss: torch.Tensor | None, compute_s: float) -> Outcome:
+    outcome.loss, outcome.compute_s = loss, compute_s
+    outcome.exposed_s = time.perf_counter() - started
+    return outcome
