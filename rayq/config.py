@@ -290,6 +290,9 @@ class DDPConfig:
     """
 
     hook: Literal["rayq", "powersgd", "allreduce"] = "rayq"
+    #: PyTorch's hooks: true = as DDP schedules them, overlapped with backward (communication time is then not
+    #: measured, only bytes); false = each all-reduce is waited for on the spot and timed.
+    native_overlap: bool = False
     powersgd_rank: int = 2
     start_powersgd_iter: int = 10
 

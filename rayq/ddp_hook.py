@@ -124,7 +124,9 @@ class AllReduceCounter:
     (PowerSGD's matmuls and QR) is reported apart from the communication, like rayq's encode/decode.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timed: bool = True) -> None:
+        #: False: count bytes only and let DDP overlap the collectives with backward as it normally does.
+        self.timed = timed
         self.calls = 0
         self.bytes = 0
         self.comm_s = 0.0
@@ -138,7 +140,7 @@ class AllReduceCounter:
         def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             work = original(tensor, *args, **kwargs)
-            if work is not None:
+            if work is not None and self.timed:
                 work.wait()
             with self._lock:
                 self.calls += 1
@@ -159,7 +161,8 @@ class AllReduceCounter:
         def timed_hook(state, bucket):  # noqa: ANN001, ANN202  (DDP rejects string annotations)
             t0 = time.perf_counter()
             fut = hook(state, bucket)
-            fut.wait()
+            if self.timed:
+                fut.wait()
             with self._lock:
                 self.hook_s += time.perf_counter() - t0
             return fut

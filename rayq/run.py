@@ -239,6 +239,7 @@ class Run:
                                            cfg.privacy.membership_samples, cfg.seed)
             self.evaluators.append(lambda final: probe.metrics(self.model, self.device))
         self.wall_start = time.perf_counter() - wall_offset
+        self._last_end = time.perf_counter()
         self.model.train()
 
     # -- what a trainer builds on ----------------------------------------------------------------------
@@ -326,9 +327,13 @@ class Run:
             else:
                 self.clock.step(compute_s, comm)
             self.window.sim_comm_s += comm
-        if self.trace is not None:
-            self.trace.write(json.dumps({"step": done, "compute_s": compute_s,
+        now = time.perf_counter()
+        if self.trace is not None:  # wall_s: this step's wall time, end to end (the first one includes start-up)
+            self.trace.write(json.dumps({"step": done, "compute_s": compute_s, "wall_s": now - self._last_end,
+                                         "exposed_s": outcome.exposed_s, "encode_s": ledger.encode_s,
+                                         "decode_s": ledger.decode_s, "comm_s": ledger.comm_s,
                                          "wire": [w.to_json() for w in ledger.wire]}) + "\n")
+        self._last_end = now
         if faults is not None and self.faults is not None:
             self.faults.after_exchange(step, ledger)
         self.window.ledger.add(ledger)

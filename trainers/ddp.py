@@ -42,12 +42,12 @@ def build_hook(cfg: RunConfig, ddp: torch.nn.parallel.DistributedDataParallel) -
 
         state = psgd.PowerSGDState(None, matrix_approximation_rank=cfg.ddp.powersgd_rank,
                                    start_powerSGD_iter=cfg.ddp.start_powersgd_iter, random_seed=cfg.seed)
-        counter = AllReduceCounter()
+        counter = AllReduceCounter(timed=not cfg.ddp.native_overlap)
         ddp.register_comm_hook(state, counter.wrap(psgd.powerSGD_hook))
         return state, counter
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    counter = AllReduceCounter()
+    counter = AllReduceCounter(timed=not cfg.ddp.native_overlap)
     ddp.register_comm_hook(None, counter.wrap(default_hooks.allreduce_hook))
     return None, counter
 
