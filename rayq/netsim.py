@@ -496,6 +496,9 @@ class TraceStep:
     compute_s: float
     #: ``[kind, rounds, bytes_up, bytes_down?, purpose?, padding?]`` per collective (the WireRecord JSON form).
     wire: tuple[tuple, ...]
+    #: With faults: each worker's compute slowdown and whether its contribution counted (a deadline drops it).
+    slowdown: tuple[float, ...] | None = None
+    counted: tuple[bool, ...] | None = None
 
 
 def replay(steps: Iterable[TraceStep], links: Sequence[Link], speed_factors: Sequence[float] | None = None,
@@ -508,8 +511,19 @@ def replay(steps: Iterable[TraceStep], links: Sequence[Link], speed_factors: Seq
     clock = VirtualClock(len(links), speed_factors)
     out = {}
     for s in steps:
-        recs = [_Wire(*w) for w in s.wire]
-        clock.step(s.compute_s * compute_scale, step_comm_seconds(recs, links))
+        comm = step_comm_seconds([_Wire(*w) for w in s.wire], links)
+        if s.slowdown is None:
+            clock.step(s.compute_s * compute_scale, comm)
+        else:  # the barrier of the contributors; a straggler the deadline dropped goes on from there
+            counted = list(s.counted) if s.counted is not None else [True] * len(links)
+            for w, slow in enumerate(s.slowdown):
+                if counted[w]:
+                    clock.compute(w, s.compute_s * compute_scale * slow)
+            t = clock.barrier(comm, counted)
+            for w, c in enumerate(counted):
+                if not c:
+                    clock.abandon(w, t)
+            clock.steps += 1
         out[s.step] = clock.now
     return out
 

@@ -134,5 +134,8 @@ def read_trace(path: Path) -> tuple[list, dict[int, float]]:
             evals[rec["eval_step"]] = rec["eval/accuracy"]
         else:
             wire = tuple(tuple(w) for w in rec["wire"])  # WireRecord JSON: kind, rounds, up, down?, purpose?, padding?
-            steps[rec["step"]] = TraceStep(rec["step"], rec["compute_s"], wire)
+            slow, counted = rec.get("slowdown"), rec.get("counted")
+            steps[rec["step"]] = TraceStep(rec["step"], rec["compute_s"], wire,
+                                           None if slow is None else tuple(slow),
+                                           None if counted is None else tuple(bool(c) for c in counted))
     return [steps[k] for k in sorted(steps)], evals

@@ -287,3 +287,17 @@ def test_time_to_accuracy_is_the_first_time_at_or_above_target():
     assert time_to_accuracy(points, 0.95) == 4.0
     assert time_to_accuracy(points, 0.99) is None
     assert time_to_accuracy([], 0.5) is None
+
+
+def test_replaying_a_trace_keeps_its_stragglers_and_what_a_deadline_dropped():
+    from rayq.netsim import TraceStep, replay
+
+    links = [Link(1e9, 1e9, 0.0)] * 4
+    wire = (("allreduce", 1, (1_000_000,) * 4),)
+    plain = [TraceStep(s + 1, 0.1, wire) for s in range(10)]
+    slow = [TraceStep(s + 1, 0.1, wire, (1.0, 1.0, 1.0, 5.0), (True,) * 4) for s in range(10)]
+    cut = [TraceStep(s + 1, 0.1, wire, (1.0, 1.0, 1.0, 5.0), (True, True, True, False)) for s in range(10)]
+    comm = ring_allreduce_time(1_000_000, links)
+    assert replay(plain, links)[10] == pytest.approx(10 * (0.1 + comm))
+    assert replay(slow, links)[10] == pytest.approx(10 * (0.5 + comm))
+    assert replay(cut, links)[10] == pytest.approx(10 * (0.1 + comm))
