@@ -332,7 +332,7 @@ class Run:
             self.trace.write(json.dumps({"step": done, "compute_s": compute_s, "wall_s": now - self._last_end,
                                          "exposed_s": outcome.exposed_s, "encode_s": ledger.encode_s,
                                          "decode_s": ledger.decode_s, "comm_s": ledger.comm_s,
-                                         "wire": [w.to_json() for w in ledger.wire]}) + "\n")
+                                         "wire": [w.to_json() for w in ledger.wire], **self._fault_trace(faults)}) + "\n")
         self._last_end = now
         if faults is not None and self.faults is not None:
             self.faults.after_exchange(step, ledger)
@@ -436,6 +436,15 @@ class Run:
 
     def _control(self, t: torch.Tensor) -> torch.Tensor:
         return self.transport.all_reduce_sum(t, Purpose.CONTROL) if self.world > 1 else t
+
+    @staticmethod
+    def _fault_trace(faults: StepFaults | None) -> dict[str, Any]:
+        """What a replay needs of a step's faults: compute slowdowns and whose contribution counted (the
+        absent neither compute nor count)."""
+        if faults is None:
+            return {}
+        return {"slowdown": [s if p else 0.0 for s, p in zip(faults.slowdown, faults.present)],
+                "counted": [w > 0 for w in faults.weights]}
 
     def _residual_norm(self) -> float:
         return sum(getattr(o, "residual_norm", lambda: 0.0)() for o in self.tracked.values())
