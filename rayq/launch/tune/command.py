@@ -10,6 +10,7 @@ from typing import Any
 from rayq import resources
 from rayq.errors import TrainingError
 from rayq.launch.tune.grammar import load_space
+from rayq.launch.tune.objectives import LEAKAGE_METRICS
 from rayq.launch.tune.sweep import run_sweep
 from rayq.schema import ConfigError
 from rayq.tasks import DataError
@@ -34,6 +35,10 @@ def add_commands(sub: Any) -> None:
                         "multi: Optuna multi-objective (accuracy, bits, sim time). Default: the space's tune.mode")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default 2)")
     p.add_argument("--seed", type=int, help="seed of the search (random/Optuna sampling); trials keep the config's seed")
+    p.add_argument("--leakage", choices=("none", *LEAKAGE_METRICS),
+                   help="a fourth objective, what each trial leaks (min): the membership loss attack's AUC, the "
+                        "correctness attack, or split learning's decoder SSIM / PSNR or dCor (default: the space's "
+                        "tune.leakage, else none)")
     p.add_argument("--output-dir", default="runs/sweeps", help="where sweep directories go (default: runs/sweeps)")
     p.add_argument("--name", help="sweep name (default: <space>-<timestamp>)")
     p.add_argument("--address", help="Ray cluster address to drive (default: start a local Ray)")
@@ -42,7 +47,8 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    settings = {"samples": args.samples, "mode": args.mode, "max_concurrent": args.max_concurrent, "seed": args.seed}
+    settings = {"samples": args.samples, "mode": args.mode, "max_concurrent": args.max_concurrent, "seed": args.seed,
+                "leakage": args.leakage}
     try:
         space = load_space(args.space, args.config, args.sets, settings)
     except ConfigError as err:

@@ -28,6 +28,7 @@ from typing import Any
 
 from rayq import resources
 from rayq.config import RunConfig
+from rayq.launch.tune.objectives import SPLIT_LEAKAGE
 from rayq.launch.tune.solver import check_conflicts, check_grid, order, probe
 from rayq.launch.tune.space import DISTRIBUTIONS, Condition, Dist, Entry, Space, SpaceError, SweepSettings
 from rayq.schema import FLOAT, ConfigError, apply_set, field_hints, from_dict, merge, read_mapping
@@ -270,10 +271,28 @@ def load_space(path: str | Path, config: str | Path | None = None, sets: Iterabl
     if sweep.mode == "asha" and sweep.grace_period and max_steps and sweep.grace_period >= max_steps:
         raise SpaceError(f"{source}: tune.grace_period={sweep.grace_period} is invalid; expected fewer steps than "
                          f"max_steps ({max_steps}): ASHA compares trials at rungs before the end")
+    check_leakage(space, source)
     if sweep.time_weight > 0 and not space.has_clock():
         raise SpaceError(f"{source}: tune.time_weight={sweep.time_weight} needs sim/time_s: set cluster: in the base "
                          "(e.g. cluster: volunteer-100m)")
     return space
+
+
+def check_leakage(space: Space, source: str) -> None:
+    """A leakage objective needs the runs to report it: membership on, or the split trainer for the decoder."""
+    leakage = space.settings.leakage
+    if leakage == "none":
+        return
+    trainers = {space.base_full["trainer"]} | {e.value for e in space.entries if e.path == ("trainer",)
+                                                and not e.dist}
+    trainers |= {v for e in space.entries if e.path == ("trainer",) and e.dist for v in e.dist.candidates()}
+    if leakage in SPLIT_LEAKAGE and trainers != {"split"}:
+        raise SpaceError(f"{source}: tune.leakage={leakage!r} is reported by trainer split only, and trials of this "
+                         f"space use trainer {', '.join(sorted(map(str, trainers)))}; set trainer: split in the base, "
+                         "or choose tune.leakage membership_auc")
+    if leakage not in SPLIT_LEAKAGE and not space.base_full["privacy"]["membership"]:
+        raise SpaceError(f"{source}: tune.leakage={leakage!r} needs the membership figures, and the base sets "
+                         "privacy.membership=false")
 
 
 def find_space(space: str | Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rayq.config import RunConfig
-from rayq.launch.tune.objectives import ACCURACY, BITS, SIM_TIME
+from rayq.launch.tune.objectives import ACCURACY, BITS, LEAKAGE_METRICS, SIM_TIME, leakage_objective
 from rayq.launch.tune.pareto import Objective
 from rayq.schema import ConfigError, check, from_dict
 
@@ -148,6 +148,9 @@ class SweepSettings:
     seed: int = 0
     bits_weight: float = 0.02
     time_weight: float = 0.0
+    #: A fourth objective, what the trial leaks (min): none, or a name of ``LEAKAGE_METRICS``.
+    leakage: str = "none"
+    leak_weight: float = 0.0
     grace_period: int | None = None
     reduction_factor: float = 2.0
 
@@ -157,6 +160,9 @@ class SweepSettings:
         check(self.max_concurrent >= 1, f"{p}max_concurrent", self.max_concurrent, "an integer >= 1")
         check(self.bits_weight >= 0, f"{p}bits_weight", self.bits_weight, "a number >= 0")
         check(self.time_weight >= 0, f"{p}time_weight", self.time_weight, "a number >= 0")
+        check(self.leakage == "none" or self.leakage in LEAKAGE_METRICS, f"{p}leakage", self.leakage,
+              f"one of: none, {', '.join(LEAKAGE_METRICS)}")
+        check(self.leak_weight >= 0, f"{p}leak_weight", self.leak_weight, "a number >= 0")
         check(self.grace_period is None or self.grace_period >= 1, f"{p}grace_period", self.grace_period,
               "steps >= 1 (default: 2 × report_every)")
         check(self.reduction_factor > 1, f"{p}reduction_factor", self.reduction_factor, "a number > 1")
@@ -271,7 +277,8 @@ class Space:
         return self.base_full.get("cluster") is not None or any(e.path == ("cluster",) for e in self.entries)
 
     def objectives(self) -> list[Objective]:
-        return [ACCURACY, BITS] + ([SIM_TIME] if self.has_clock() else [])
+        leakage = [leakage_objective(self.settings.leakage)] if self.settings.leakage != "none" else []
+        return [ACCURACY, BITS] + ([SIM_TIME] if self.has_clock() else []) + leakage
 
     def trial_count(self) -> int:
         return self.settings.samples * (len(self.grid_variants()) if self.settings.mode == "asha" else 1)

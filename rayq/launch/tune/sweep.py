@@ -35,7 +35,7 @@ from rayq.launch.driver import (
 )
 from rayq.launch.tune.objectives import SCORE, objective_metrics
 from rayq.launch.tune.report import SweepResult, TrialOutcome, short, write_report
-from rayq.launch.tune.space import Space, SpaceError
+from rayq.launch.tune.space import Space, SpaceError, SweepSettings
 from rayq.schema import ConfigError, from_dict
 from rayq.tasks import check_available
 
@@ -43,14 +43,15 @@ from rayq.tasks import check_available
 TRIAL_CPU = 0.01
 
 
-def _objective_callback(workers: int, bits_weight: float, time_weight: float):
+def _objective_callback(workers: int, s: SweepSettings):
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ObjectiveReport(TuneReportCallback):
         """Tune's bridge from Train reports, adding the sweep's objective metrics to each."""
 
         def after_report(self, run_context, metrics, checkpoint):
-            first = {**metrics[0], **objective_metrics(metrics[0], workers, bits_weight, time_weight)}
+            first = {**metrics[0], **objective_metrics(metrics[0], workers, s.bits_weight, s.time_weight, s.leakage,
+                                                       s.leak_weight)}
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return ObjectiveReport()
@@ -148,12 +149,13 @@ def run_trial(raw: dict[str, Any], plan: TrialPlan) -> None:
             if "event" in item:  # a fault or recovery event, not metrics
                 return
             numbers = {k: v for k, v in item.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            ray.tune.report({**numbers, **objective_metrics(numbers, cfg.workers, s.bits_weight, s.time_weight)})
+            ray.tune.report({**numbers, **objective_metrics(numbers, cfg.workers, s.bits_weight, s.time_weight,
+                                                            s.leakage, s.leak_weight)})
 
         final = runner(cfg, run_dir, report)
         summarize(cfg, run_dir, DriverResult(final, final.pop("checkpoint", None)), time.perf_counter() - started)
         return
-    callbacks = [_objective_callback(cfg.workers, s.bits_weight, s.time_weight),
+    callbacks = [_objective_callback(cfg.workers, s),
                  _register_callback(plan.reaper, plan.namespace, trial_id)]
     try:
         result = make_trainer(cfg, run_dir, callbacks=callbacks).fit()
