@@ -35,7 +35,7 @@ import yaml
 #: Codecs of ``--preset sweep``: every family along the bits axis, mixed-precision patterns, random precision.
 SWEEP = ("none", "fp16", "int8:bits=8", "int8:bits=6", "int8:bits=4", "int8:bits=3", "int8:bits=2",
          "int8:bits=2,mode=affine", "qsgd:levels=15", "qsgd:levels=1", "topk:density=0.1", "topk:density=0.01",
-         "sign", "rcfed:rate=2.0",
+         "topk:density=0.01,ef=steady", "sign", "rcfed:rate=2.0", "powersgd:rank=2",
          "mixed:0.*=int8/bits=2/per_channel;7.*=int8/bits=2/per_channel;*=int8/bits=8",
          "mixed:0.*=int8/bits=8;7.*=int8/bits=8;*=int8/bits=2/per_channel",
          "random:bits=2/4/8/16")
