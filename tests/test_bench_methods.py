@@ -75,6 +75,32 @@ def test_a_method_space_with_a_knob_its_optimizer_lacks_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------- the commands on Ray
 
 TINY = ["--workers", "2", "--cpus-per-worker", "0.5", "--seeds", "2"]
+ARGV = {
+    "qadagrad": ["--tasks", "sparse-logistic", "--optimizers", "qrda_adagrad", "--max-steps", "8", "--report-every", "4"],
+    "fewbit": ["--bits", "2", "--batches", "16", "--max-steps", "6", "--report-every", "2", "--cpu-only"],
+    "blaq": ["--weights", "binary", "--steps", "3", "--eval-every", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def bench_out(ray_session, tmp_path_factory):
+    """Each command's tiny plan, as `rayq bench <name>` parses and plans it, trained in ONE worker group (one Ray
+    Train start-up instead of three: that start-up is most of the time) and reported by the command's own report."""
+    from rayq.launch.bench_methods import METHODS, train_arms
+    from rayq.launch.cli import build_parser
+
+    root = tmp_path_factory.mktemp("bench_methods")
+    plans = {}
+    for name, argv in ARGV.items():
+        argv = ["bench", name, *TINY, *argv, "--out", str(root / name)]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        plans[name] = (args, METHODS[name][0](args))
+    results = iter(train_arms([arm for _, arms in plans.values() for arm in arms], [0, 1], root / "runs"))
+    for name, (args, arms) in plans.items():
+        (root / name).mkdir()
+        METHODS[name][1](args, [next(results) for _ in arms], root / name)
+    return root
 
 
 def _results(out: Path, stem: str) -> dict:
@@ -87,27 +113,31 @@ def _results(out: Path, stem: str) -> dict:
     return {arm["name"]: arm for arm in data["results"]}
 
 
+def test_bench_commands_refuse_what_they_cannot_run_before_ray_starts(tmp_path, capsys):
+    assert main(["bench", "qadagrad", "--tasks", "mnist", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "blaq", "--weights", "quaternary", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "fewbit", "--set", "optimizer.l1=0.1", "--out", str(tmp_path)]) == 2  # an option of QCMD/QRDA
+    out = capsys.readouterr().out
+    assert "task(s) ['mnist'] have no settings here; choose from: sparse-logistic, digits" in out
+    assert "weight set(s) ['quaternary'] are unknown" in out and "optimizer.l1" in out
+
+
 @pytest.mark.ray
-def test_bench_qadagrad_compares_quantisers_on_sparsity_and_bits(ray_session, tmp_path):
-    out = tmp_path / "qadagrad"
-    assert main(["bench", "qadagrad", *TINY, "--tasks", "sparse-logistic", "--optimizers", "qrda_adagrad",
-                 "--max-steps", "8", "--report-every", "4", "--out", str(out)]) == 0
-    arms = _results(out, "qadagrad")
-    bits = {c: arms[f"sparse-logistic-qrda-{c}"]["stats"]["comm/bits_per_element"]["mean"]
-            for c in ("threshold", "terngrad", "none")}
+def test_bench_qadagrad_compares_quantisers_on_sparsity_and_bits(bench_out):
+    arms = _results(bench_out / "qadagrad", "qadagrad")
+    stats = {c: arms[f"sparse-logistic-qrda-{c}"]["stats"] for c in ("threshold", "terngrad", "none")}
+    bits = {c: s["comm/bits_per_element"]["mean"] for c, s in stats.items()}
     assert bits["threshold"] < bits["none"] and 2 <= bits["terngrad"] < 8 and 32 <= bits["none"] < 34
-    for arm in arms.values():
-        assert 0 < arm["stats"]["model/sparsity"]["mean"] <= 1  # RDA: exact zeros wherever |ū| ≤ λ
-        assert arm["stats"]["step"]["mean"] == 8 and arm["stats"]["mbit_uploaded"]["mean"] > 0
+    assert stats["none"]["distortion"]["mean"] == 0 < stats["threshold"]["distortion"]["mean"] < 1
+    for s in stats.values():
+        assert 0 < s["model/sparsity"]["mean"] <= 1  # RDA: exact zeros wherever |ū| ≤ λ
+        assert s["step"]["mean"] == 8 and s["mbit_uploaded"]["mean"] > 0
 
 
 @pytest.mark.ray
-def test_bench_fewbit_measures_saved_bytes_and_reads_loss_curves_back(ray_session, tmp_path):
-    out = tmp_path / "fewbit"
-    assert main(["bench", "fewbit", *TINY, "--bits", "2", "--batches", "16", "--max-steps", "6",
-                 "--report-every", "2", "--cpu-only", "--out", str(out)]) == 0
-    arms = _results(out, "fewbit")
-    data = json.loads((out / "fewbit.json").read_text())
+def test_bench_fewbit_measures_saved_bytes_and_reads_loss_curves_back(bench_out):
+    arms = _results(bench_out / "fewbit", "fewbit")
+    data = json.loads((bench_out / "fewbit" / "fewbit.json").read_text())
     assert data["cuda"].startswith("not measured") and {m["bits"] for m in data["memory"]} == {None, 2}
     for name in ("gelu-exact", "gelu-2bit"):
         curve = arms[name]["loss_curve"]
@@ -119,11 +149,8 @@ def test_bench_fewbit_measures_saved_bytes_and_reads_loss_curves_back(ray_sessio
 
 
 @pytest.mark.ray
-def test_bench_blaq_counts_two_gradient_evaluations_per_step(ray_session, tmp_path):
-    out = tmp_path / "blaq"
-    assert main(["bench", "blaq", *TINY, "--weights", "binary", "--steps", "3", "--eval-every", "1",
-                 "--out", str(out)]) == 0
-    arms = _results(out, "blaq")
+def test_bench_blaq_counts_two_gradient_evaluations_per_step(bench_out):
+    arms = _results(bench_out / "blaq", "blaq")
     evals = {n: a["stats"]["optim/gradient_evaluations"]["mean"] for n, a in arms.items()}
     assert evals == {"blaq-binary": 6, "laq-binary": 3, "laq-binary-2x": 6}
     assert [p[0] for p in arms["laq-binary-2x"]["accuracy_curve"]] == [1, 2, 3, 4, 5, 6]
@@ -131,4 +158,4 @@ def test_bench_blaq_counts_two_gradient_evaluations_per_step(ray_session, tmp_pa
     assert arms["laq-binary"]["accuracy_curve"] == arms["laq-binary-2x"]["accuracy_curve"][:3]
     for arm in arms.values():
         assert 0 <= arm["stats"]["optim/zigzag_negative_fraction"]["mean"] <= 1
-    assert "| equal gradient evaluations | laq_weights | 6 | 6 |" in (out / "blaq.md").read_text()
+    assert "| equal gradient evaluations | laq_weights | 6 | 6 |" in (bench_out / "blaq" / "blaq.md").read_text()

@@ -7,8 +7,8 @@ fewbit    Few-Bit Backward (Novikov et al., 2022): bytes autograd keeps for the 
 blaq      BLAQ (Ma, Zhou, Ma, Yu, Li, AAAI 2024) vs LAQ-weights (Hou & Kwok, ICLR 2018), 1-bit and 2-bit weights,
           at equal steps and at equal gradient evaluations (BLAQ evaluates twice per step).
 
-Every run is an ordinary rayq run (run directory, TensorBoard, trace); all runs of one command share one Ray
-Train worker group (``train_many``). Figures are the mean ± sample standard deviation over seeds.
+Every run is an ordinary rayq run (run directory, TensorBoard, trace); all runs of one command share one worker
+group (``train_many``). Figures are the mean ± sample standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rayq.launch.bench import environment
+from rayq.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     return {"run": summary["run"], "run_dir": summary.get("run_dir"), **out}
 
 
-def train_arms(arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[str], runs_dir: Path,
-               address: str | None = None) -> list[ArmResult]:
-    """Train every arm at every seed, back to back in one worker group; group the summaries by arm."""
+def train_arms(arms: Sequence[Arm], seeds: Sequence[int], runs_dir: Path, address: str | None = None) -> list[ArmResult]:
+    """Train every arm at every seed, back to back in one worker group (they must share workers and CPUs);
+    group the summaries by arm."""
     from rayq.config import load_config
     from rayq.launch.driver import init_ray, train_many
 
-    cfgs = [load_config(None, [*common, *arm.sets, f"seed={seed}"],
+    cfgs = [load_config(None, [*arm.sets, f"seed={seed}"],
                         extra={"name": f"{arm.name}-seed{seed}", "output_dir": str(runs_dir)})
             for arm in arms for seed in seeds]
     first = cfgs[0]
@@ -115,9 +116,7 @@ def loss_curve(run_dir: str | Path, tag: str = "train/loss") -> list[tuple[int, 
 
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    if tag not in acc.Tags().get("scalars", []):
-        return []
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags().get("scalars", []) else []
 
 
 def eval_curve(run_dir: str | Path) -> list[tuple[int, float]]:
@@ -152,13 +151,6 @@ def _write(out: Path, stem: str, payload: dict[str, Any], markdown: str) -> None
     (out / f"{stem}.md").write_text(markdown + "\n")
     print(markdown)
     print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'} and {out / f'{stem}.png'}")
-
-
-def _failures(results: Sequence[ArmResult]) -> int:
-    failed = [r for res in results for r in res.runs if "error" in r]
-    for r in failed:
-        print(f"  run {r['run']} failed: {r['error']}")
-    return len(failed)
 
 
 # ---------------------------------------------------------------- QCMD / QRDA AdaGrad
@@ -213,28 +205,25 @@ def plot_qadagrad(results: Sequence[ArmResult], path: Path) -> None:
     plt.close(fig)
 
 
-def cmd_bench_qadagrad(args: argparse.Namespace) -> int:
-    tasks, optimizers, codecs = _list(args.tasks), _list(args.optimizers), _list(args.codecs)
+def plan_qadagrad(args: argparse.Namespace) -> list[Arm]:
+    tasks = _list(args.tasks)
     unknown = [t for t in tasks if t not in QADAGRAD_TASKS]
     if unknown:
-        print(f"rayq bench qadagrad: task(s) {unknown} have no settings here; choose from: {', '.join(QADAGRAD_TASKS)}")
-        return 2
-    out, seeds = _out(args, "qadagrad"), list(range(args.seeds))
-    arms = qadagrad_arms(tasks, optimizers, codecs)
+        raise ConfigError(f"task(s) {unknown} have no settings here; choose from: {', '.join(QADAGRAD_TASKS)}")
     common = _common(args) + (["compression.min_numel=0"] if args.compress_all else [])
-    print(f"rayq bench qadagrad: {len(arms)} configurations x {len(seeds)} seeds, {args.workers} workers x "
-          f"{args.cpus_per_worker} CPU -> {out}", flush=True)
-    results = train_arms(arms, seeds, [*common, *(args.set or [])], _runs_dir(out), args.address)
+    return _complete(args, common, qadagrad_arms(tasks, _list(args.optimizers), _list(args.codecs)))
+
+
+def report_qadagrad(args: argparse.Namespace, results: list[ArmResult], out: Path) -> None:
     for r in results:  # the quantisation error of every reporting step, read back from TensorBoard
         for run in r.runs:
             if "error" not in run:
                 run["distortion"] = statistics.fmean([v for _, v in loss_curve(run["run_dir"], "comm/distortion")] or [0])
         r.stats["distortion"] = Spread.of(run["distortion"] for run in r.runs if "distortion" in run)
-    payload = {**_meta(args, seeds), "tasks": {t: list(QADAGRAD_TASKS[t]) for t in tasks},
+    payload = {**_meta(args), "tasks": {t: list(QADAGRAD_TASKS[t]) for t in _list(args.tasks)},
                "results": [r.to_json() for r in results]}
     plot_qadagrad(results, out / "qadagrad.png")
     _write(out, "qadagrad", payload, qadagrad_markdown(results))
-    return 1 if _failures(results) else 0
 
 
 # ---------------------------------------------------------------- Few-Bit Backward
@@ -354,28 +343,23 @@ def plot_fewbit(results: Sequence[ArmResult], curves: dict[str, list], memory: S
     plt.close(fig)
 
 
-def cmd_bench_fewbit(args: argparse.Namespace) -> int:
-    bits = [int(b) for b in _list(args.bits)]
-    batches = [int(b) for b in _list(args.batches)]
-    out, seeds = _out(args, "fewbit"), list(range(args.seeds))
+def plan_fewbit(args: argparse.Namespace) -> list[Arm]:
+    return _complete(args, ["task=digits-gelu", "compression.codec=none", *_common(args)],
+                     fewbit_arms([int(b) for b in _list(args.bits)]))
+
+
+def report_fewbit(args: argparse.Namespace, results: list[ArmResult], out: Path) -> None:
     cuda = torch.cuda.is_available() and not args.cpu_only
-    devices = ["cpu"] + (["cuda"] if cuda else [])
-    print(f"rayq bench fewbit: saved bytes at batches {batches} on {devices}; {len(bits) + 1} configurations x "
-          f"{len(seeds)} seeds of digits-gelu -> {out}", flush=True)
-    memory = activation_memory(bits, batches, devices)
-    print(memory_markdown(memory), flush=True)
-    arms = fewbit_arms(bits)
-    common = ["task=digits-gelu", "compression.codec=none", *_common(args)]
-    results = train_arms(arms, seeds, [*common, *(args.set or [])], _runs_dir(out), args.address)
+    memory = activation_memory([int(b) for b in _list(args.bits)], [int(b) for b in _list(args.batches)],
+                               ["cpu"] + (["cuda"] if cuda else []))
     curves = {r.arm.name: mean_curve([loss_curve(run["run_dir"]) for run in r.runs if "error" not in run])
               for r in results}
-    payload = {**_meta(args, seeds), "memory": [asdict(m) for m in memory],
+    payload = {**_meta(args), "memory": [asdict(m) for m in memory],
                "cuda": "measured" if cuda else "not measured: no CUDA device on this machine",
                "results": [{**r.to_json(), "loss_curve": curves[r.arm.name]} for r in results]}
     plot_fewbit(results, curves, memory, out / "fewbit.png")
     note = "" if cuda else "\n\nCUDA peak memory: not measured (no CUDA device on this machine)."
     _write(out, "fewbit", payload, memory_markdown(memory) + note + "\n\n" + fewbit_markdown(results))
-    return 1 if _failures(results) else 0
 
 
 # ---------------------------------------------------------------- BLAQ vs LAQ-weights
@@ -385,7 +369,6 @@ WEIGHTS: dict[str, tuple[tuple[str, ...], str]] = {
     "binary": (("optimizer.projection=binary",), "1 bit: α·{−1, 1}"),
     "ternary": (("optimizer.projection=ternary",), "2 bits: α·{−1, 0, 1}"),
     "mbit2": (("optimizer.projection=mbit", "optimizer.weight_bits=2"), "2 bits: m-bit, m = 2 (α·{−1, 0, 1})"),
-    "mbit3": (("optimizer.projection=mbit", "optimizer.weight_bits=3"), "3 bits: m-bit, m = 3"),
 }
 
 
@@ -445,29 +428,55 @@ def plot_blaq(results: Sequence[ArmResult], curves: dict[str, list], path: Path)
     plt.close(fig)
 
 
-def cmd_bench_blaq(args: argparse.Namespace) -> int:
+def plan_blaq(args: argparse.Namespace) -> list[Arm]:
     weights = _list(args.weights)
     unknown = [w for w in weights if w not in WEIGHTS]
     if unknown:
-        print(f"rayq bench blaq: weight set(s) {unknown} are unknown; choose from: {', '.join(WEIGHTS)}")
-        return 2
-    out, seeds = _out(args, "blaq"), list(range(args.seeds))
-    arms = blaq_arms(weights, args.steps)
+        raise ConfigError(f"weight set(s) {unknown} are unknown; choose from: {', '.join(WEIGHTS)}")
     every = args.eval_every or max(1, args.steps // 10)
     common = ["task=digits", "compression.codec=none", f"optimizer.lr={args.lr}", *_common(args),
               f"eval_every={every}", f"report_every={every}"]
-    print(f"rayq bench blaq: {len(arms)} configurations x {len(seeds)} seeds on digits, {args.steps} steps "
-          f"(LAQ-weights also {2 * args.steps}) -> {out}", flush=True)
-    results = train_arms(arms, seeds, [*common, *(args.set or [])], _runs_dir(out), args.address)
+    return _complete(args, common, blaq_arms(weights, args.steps))
+
+
+def report_blaq(args: argparse.Namespace, results: list[ArmResult], out: Path) -> None:
     curves = {r.arm.name: mean_curve([eval_curve(run["run_dir"]) for run in r.runs if "error" not in run])
               for r in results}
-    payload = {**_meta(args, seeds), "results": [{**r.to_json(), "accuracy_curve": curves[r.arm.name]} for r in results]}
+    payload = {**_meta(args), "results": [{**r.to_json(), "accuracy_curve": curves[r.arm.name]} for r in results]}
     plot_blaq(results, curves, out / "blaq.png")
     _write(out, "blaq", payload, blaq_markdown(results))
-    return 1 if _failures(results) else 0
 
 
 # ---------------------------------------------------------------- shared command plumbing
+
+#: ``rayq bench <name>``: what it trains (arms with their whole config) and how it reports them.
+METHODS = {"qadagrad": (plan_qadagrad, report_qadagrad), "fewbit": (plan_fewbit, report_fewbit),
+           "blaq": (plan_blaq, report_blaq)}
+
+
+def cmd_bench_method(args: argparse.Namespace) -> int:
+    """Plan the command's arms, train them at every seed in one worker group, report."""
+    plan, report = METHODS[args.bench]
+    try:
+        arms = plan(args)
+        out = _out(args, args.bench)
+        print(f"rayq bench {args.bench}: {len(arms)} configurations x {args.seeds} seeds, {args.workers} workers x "
+              f"{args.cpus_per_worker} CPU -> {out}", flush=True)
+        # a fresh runs directory per invocation: TensorBoard files of an earlier run of the same name never mix in
+        results = train_arms(arms, range(args.seeds), out / f"runs-{datetime.now():%Y%m%d-%H%M%S}", args.address)
+    except ConfigError as err:
+        print(f"rayq bench {args.bench}: {err}")
+        return 2
+    report(args, results, out)
+    failed = [r for res in results for r in res.runs if "error" in r]
+    for r in failed:
+        print(f"  run {r['run']} failed: {r['error']}")
+    return 1 if failed else 0
+
+
+def _complete(args: argparse.Namespace, common: list[str], arms: list[Arm]) -> list[Arm]:
+    """Each arm's whole config: the command's settings < the arm's own < ``--set``."""
+    return [replace(a, sets=(*common, *a.sets, *(args.set or []))) for a in arms]
 
 
 def _list(text: str) -> list[str]:
@@ -480,11 +489,6 @@ def _out(args: argparse.Namespace, stem: str) -> Path:
     return out
 
 
-def _runs_dir(out: Path) -> Path:
-    """A fresh directory per invocation: TensorBoard files of an earlier run of the same name never mix in."""
-    return out / f"runs-{datetime.now():%Y%m%d-%H%M%S}"
-
-
 def _common(args: argparse.Namespace) -> list[str]:
     sets = [f"workers={args.workers}", f"cpus_per_worker={args.cpus_per_worker}", "checkpoint_every=0",
             "keep_checkpoints=1"]
@@ -495,9 +499,9 @@ def _common(args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def _meta(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {"environment": environment(), "command": "rayq " + " ".join(getattr(args, "argv", []) or []),
-            "seeds": seeds, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+            "seeds": list(range(args.seeds)), "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
             "spread": "mean ± sample standard deviation over seeds (lo/hi: range)"}
 
 
@@ -513,8 +517,7 @@ def _shared(p: argparse.ArgumentParser, workers: int, cpus: float, max_steps: bo
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    """The subcommand table of ``rayq bench`` (rayq.launch.bench owns the command; argparse has no public
-    accessor for a parser's subparsers)."""
+    """``rayq bench``'s subcommand table (rayq.launch.bench owns the command; argparse has no public accessor)."""
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
@@ -528,7 +531,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codecs", default=",".join(QADAGRAD_CODECS), help="codecs compared (default threshold,terngrad,none)")
     p.add_argument("--report-every", type=int, default=20, help="steps between reports and evaluations")
     p.add_argument("--compress-all", action="store_true", help="compress small tensors too (compression.min_numel=0)")
-    p.set_defaults(func=cmd_bench_qadagrad)
+    p.set_defaults(func=cmd_bench_method)
 
     p = bsub.add_parser("fewbit", help="Few-Bit Backward: activation memory at 1-4 bits vs exact, and loss curves")
     _shared(p, workers=4, cpus=0.5)
@@ -536,7 +539,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", default="32,1024", help="batch sizes of the memory measurement")
     p.add_argument("--report-every", type=int, default=10, help="steps between loss points")
     p.add_argument("--cpu-only", action="store_true", help="skip the CUDA measurement even when a GPU is present")
-    p.set_defaults(func=cmd_bench_fewbit)
+    p.set_defaults(func=cmd_bench_method)
 
     p = bsub.add_parser("blaq", help="BLAQ vs LAQ-weights at equal steps and equal gradient evaluations")
     _shared(p, workers=4, cpus=0.5, max_steps=False)
@@ -544,4 +547,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=150, help="BLAQ's steps (LAQ-weights runs this and twice this)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam's step size for both methods")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default steps/10)")
-    p.set_defaults(func=cmd_bench_blaq, max_steps=None)
+    p.set_defaults(func=cmd_bench_method, max_steps=None)
