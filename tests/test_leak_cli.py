@@ -26,6 +26,12 @@ def test_a_mixed_spec_lists_layer_rules_in_order_and_a_default():
     assert spec.codec_for("2.weight", (12, 12, 5, 5), 0).name == "int8"
 
 
+def test_a_per_channel_default_rule_stays_a_rule():
+    spec = parse_codec("mixed:0.*=fp16;*=int8/bits=2/per_channel")
+    assert spec.name == "mixed(0.*:fp16,*:2b/pc)"
+    assert spec.codec_for("2.weight", (12, 12, 5, 5), 0).block == 12 * 5 * 5
+
+
 def test_a_random_spec_draws_from_the_listed_bit_widths():
     spec = parse_codec("random:bits=2/16,modes=affine,seed=3")
     rp = spec.random_precision

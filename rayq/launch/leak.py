@@ -15,7 +15,7 @@ Codec specs (``--codec``, repeatable)::
 ``CODEC:k=v,...`` sets the codec's parameters; ``ef`` (first | steady), ``warmup``, ``messages`` and
 ``label`` are options of the spec. ``mixed:`` lists per-layer rules (glob on the victim's parameter
 names, ``rayq leak --list-layers``; first match wins), ``/``-separated parameters and the flag
-``per_channel``; a last rule ``*=...`` is the default (else fp32). ``random:`` draws bits and mode per
+``per_channel``; a rule ``*=...`` is the default (else fp32). ``random:`` draws bits and mode per
 layer and per round (2..8: integer quantiser, 16: fp16, 32: fp32).
 """
 
@@ -37,7 +37,7 @@ SWEEP = ("none", "fp16", "int8:bits=8", "int8:bits=6", "int8:bits=4", "int8:bits
          "int8:bits=2,mode=affine", "qsgd:levels=15", "qsgd:levels=1", "topk:density=0.1", "topk:density=0.01",
          "topk:density=0.01,ef=steady", "sign", "rcfed:rate=2.0", "powersgd:rank=2",
          "mixed:0.*=int8/bits=2/per_channel;7.*=int8/bits=2/per_channel;*=int8/bits=8",
-         "mixed:0.*=int8/bits=8;7.*=int8/bits=8;*=int8/bits=2/per_channel",
+         "mixed:0.*=int8/bits=8;7.*=int8/bits=8;*=int8/bits=2",
          "random:bits=2/4/8/16")
 SPEC_OPTIONS = {"ef": "error_feedback", "warmup": "warmup_rounds", "messages": "messages", "label": "label"}
 
@@ -63,6 +63,14 @@ def _pairs(text: str, sep: str, spec: str) -> dict[str, Any]:
     return out
 
 
+def _short(codec: str, params: dict[str, Any]) -> str:
+    """A layer's codec in a mixed spec's label: ``2b`` for a 2-bit int8, else ``codec(k=v)``."""
+    if codec == "int8" and set(params) <= {"bits", "mode"}:
+        return f"{params.get('bits', 8)}b" + ("a" if params.get("mode") == "affine" else "")
+    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{codec}({inner})" if inner else codec
+
+
 def parse_codec(spec: str) -> Any:
     """A :class:`rayq.privacy.CodecSpec` from its command-line form (see the module docstring)."""
     from rayq.privacy import CodecSpec, LayerRule, RandomPrecision
@@ -80,14 +88,16 @@ def parse_codec(spec: str) -> Any:
                 if any(f != "per_channel" for f in flags):
                     raise SpecError(f"--codec {spec!r}: unknown flag in {part!r}; the only flag is per_channel")
                 params = _pairs("/".join(i for i in items if "=" in i), "/", spec)
-                if pattern == "*":
+                if pattern == "*" and not flags:
                     default = (codec, params)
                 else:
                     rules.append(LayerRule(pattern, codec, tuple(sorted(params.items())), per_channel=bool(flags)))
             if not rules:
                 raise SpecError(f"--codec {spec!r}: a mixed spec needs at least one PATTERN=CODEC rule")
+            label = ",".join([f"{r.pattern}:{_short(r.codec, dict(r.params))}{'/pc' if r.per_channel else ''}"
+                              for r in rules] + ([] if rules[-1].pattern == "*" else [f"*:{_short(*default)}"]))
             return CodecSpec(codec=default[0], params=tuple(sorted(default[1].items())), rules=tuple(rules),
-                             label=spec)
+                             label=f"mixed({label})")
         if kind == "random":
             opts = _pairs(rest, ",", spec)
             for key in ("bits", "probs", "modes"):
