@@ -1,12 +1,12 @@
-"""DeDLOC's pure pieces (ALGORITHMS.md §8; Diskin et al., NeurIPS 2021): the simulated schedule of a
+"""DeDLOC's pure pieces (Diskin et al., NeurIPS 2021): the simulated schedule of a
 collaborative round, the progress tracker, each peer's data order, the sample-weighted aggregator, and what
 the averaging and a state download cost on the simulated network.
 
-One global step (a *round*) of DeDLOC (§8.1): every online peer computes micro-batches at its own speed
+One global step (a *round*) of DeDLOC: every online peer computes micro-batches at its own speed
 until the collaboration has accumulated ``target_batch_size`` samples; then the peers average their
 gradients **weighted by the samples each contributed** and take the optimizer step. A peer that missed
 rounds (a laggard, a late joiner, a restarted peer) downloads the current state first and resets its codec
-state (§16: never apply a stale error-feedback residual to a newer model).
+state (never apply a stale error-feedback residual to a newer model).
 
 No Ray here: the peers and their host actors are :mod:`rayq.swarm`.
 """
@@ -60,7 +60,7 @@ class RoundPlan:
 
 
 def plan_round(slots: Sequence[PeerSlot], target: int, microbatch: int, grace: float = 0.0) -> RoundPlan | None:
-    """Schedule one DeDLOC round (§8.1–8.2) on simulated clocks; None when no peer can finish a micro-batch.
+    """Schedule one DeDLOC round on simulated clocks; None when no peer can finish a micro-batch.
 
     Peers compute micro-batches back to back from ``start``; a micro-batch counts once finished (and only
     while its peer is online). The round *closes* at the first finish that brings the collaboration's total
@@ -110,7 +110,7 @@ def plan_round(slots: Sequence[PeerSlot], target: int, microbatch: int, grace: f
 
 
 class ProgressTracker:
-    """hivemind's progress tracker (§8.2): an EMA (α = 0.1) of each peer's samples per second and the ETA of
+    """hivemind's progress tracker: an EMA (α = 0.1) of each peer's samples per second and the ETA of
     the next global step, ``max(0, target − accumulated) / Σ samples_per_second``."""
 
     def __init__(self, alpha: float = 0.1) -> None:
@@ -133,7 +133,7 @@ class ProgressTracker:
 
 def peer_indices(seed: int, peer: int, cursor: int, count: int, n: int) -> torch.Tensor:
     """Samples ``cursor .. cursor+count`` of ``peer``'s own endless stream over the data set: each pass is a
-    permutation seeded by (seed, peer, pass) — DeDLOC peers shuffle with their own seeds (§8.5)."""
+    permutation seeded by (seed, peer, pass) — DeDLOC peers shuffle with their own seeds."""
     out, pos = [], cursor
     while pos < cursor + count:
         epoch, offset = divmod(pos, n)
@@ -171,7 +171,7 @@ def pack_payload(entries: Sequence[Entry], packets: Sequence[Packet]) -> tuple[b
 def averaging_seconds(frames: Mapping[int, FrameSize], links: Sequence[Link]) -> float:
     """Simulated seconds for the averaging group (``{peer: its frame's size}``) to combine its frames.
 
-    Linear packets are summed in flight: DeDLOC's butterfly all-reduce (§8.3; a ring all-gather when every
+    Linear packets are summed in flight: DeDLOC's butterfly all-reduce (a ring all-gather when every
     member is behind NAT and none can aggregate). Gather packets (QSGD, top-k, int8, RC-FED, ...) must be
     decoded before they are summed, so every member needs every other member's packets: a ring all-gather
     of the real sizes — what the aggregator does with them. A policy that mixes both runs both, one after
@@ -194,7 +194,7 @@ def averaging_seconds(frames: Mapping[int, FrameSize], links: Sequence[Link]) ->
 
 
 def state_nbytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the state a laggard downloads (§8.1: parameters and optimizer state), serialized for real."""
+    """Bytes of the state a laggard downloads (parameters and optimizer state), serialized for real."""
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buf)
     return buf.getbuffer().nbytes
@@ -213,7 +213,7 @@ def multi_round_codecs(policy: Policy, shapes: dict[str, tuple[int, ...]]) -> li
 
 
 class Aggregator:
-    """Decodes peers' frames and averages them weighted by samples (§8.1 step 4, §16.4):
+    """Decodes peers' frames and averages them weighted by samples:
     ``ḡ = Σ_p n_p·g_p / Σ_p n_p`` with ``g_p`` peer p's mean gradient over its ``n_p`` samples — exactly the
     mean gradient over every sample of the round. Gather codecs with their own server rule (signSGD's
     majority vote) use it, with the sample counts as weights."""
@@ -259,7 +259,7 @@ class Job:
     round: int
     microbatches: int
     cursor: int                     # samples this peer has drawn from its own data stream so far
-    reset: bool = False             # the peer downloaded the state: drop its codec state first (§16)
+    reset: bool = False             # the peer downloaded the state: drop its codec state first
     applied: bool | None = None     # whether its previous payload was applied (None: it has none to settle)
     fault: FaultKind | None = None  # CRASH (os._exit), LOSE (the payload never arrives), CORRUPT (a byte flipped)
 

@@ -1,4 +1,4 @@
-"""The Ray actors that host volunteer peers and do their real work (ALGORITHMS.md §8, §16).
+"""The Ray actors that host volunteer peers and do their real work (DeDLOC, Diskin et al., NeurIPS 2021).
 
 One host keeps one model replica and, per hosted peer, its own codec state (a :class:`Policy`: error-feedback
 memories) and data order. For each :class:`Job` it first closes the peer's previous exchange — it resets the

@@ -1,5 +1,5 @@
-"""Volunteer peers, the Ray actors that host them, and their supervision (trainer ``volunteer``; ALGORITHMS.md
-§8 DeDLOC, §16).
+"""Volunteer peers, the Ray actors that host them, and their supervision (trainer ``volunteer``; DeDLOC,
+Diskin et al., NeurIPS 2021).
 
 Peers are simulated volunteers, each with its own clock, speed, links, codec state and data order;
 ``volunteer.actors`` long-lived :class:`~rayq.peer_host.PeerHost` actors host them and do the real work. A

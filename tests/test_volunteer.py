@@ -1,4 +1,4 @@
-"""Volunteer mode (trainer ``volunteer``; ALGORITHMS.md §8 DeDLOC): the round schedule, the sample-weighted
+"""Volunteer mode (trainer ``volunteer``; DeDLOC): the round schedule, the sample-weighted
 aggregator, and end-to-end runs on real Ray actors that crash, leave, straggle and lose packets."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_dedloc_averaging_weighted_by_samples_is_the_exact_mean_gradient_over_ev
     full = _mean_grad(model, x, y)
     for n in full:
         torch.testing.assert_close(mean[n], full[n], rtol=0, atol=1e-6)
-    unweighted = agg.average(decoded, [1, 1, 1])  # averaging by peer count would be wrong (§16.4)
+    unweighted = agg.average(decoded, [1, 1, 1])  # averaging by peer count would be wrong
     assert max(float((unweighted[n] - full[n]).abs().max()) for n in full) > 1e-3
 
 

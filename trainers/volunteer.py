@@ -1,4 +1,4 @@
-"""Trainer ``volunteer``: DeDLOC collaborative training over unreliable volunteer peers (ALGORITHMS.md §8).
+"""Trainer ``volunteer``: DeDLOC collaborative training over unreliable volunteer peers (Diskin et al., NeurIPS 2021).
 
 It runs in the driver: ``rayq.launch`` calls :func:`run` instead of fitting a TorchTrainer, and the run never
 restarts because a peer died. The peers live on Ray host actors (:mod:`rayq.swarm`, :mod:`rayq.peer_host`);
