@@ -18,7 +18,10 @@ from typing import ClassVar, Literal
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
-from compressors.bits import bucketize_flat, expect_field, pack_bits, packed_nbytes, unpack_bits
+from compressors.bits import (
+    add_rows_, byte_table, expect_field, lookup, pack_into, packed_nbytes, scale_rows_, slices, stochastic_round_,
+    uniform_lanes, unpack_codes,
+)
 from compressors.packet import Packet
 
 QMAX = 127
@@ -51,35 +54,63 @@ class Int8(Codec):
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.mode == "symmetric" else 2**self.bits - 1
 
-    def _round(self, r: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-        if self.rounding == "nearest":
-            return r.round()
-        u = torch.rand(r.shape, generator=info.generator(r.device), device=r.device)
-        return r.floor() + (u < r - r.floor()).to(r.dtype)
+    def _rows(self, flat: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``lo:hi`` as float32 rows of a block; a short last block is padded with its own first
+        element (so the padding changes neither its absmax nor its range)."""
+        part = flat[lo:hi].to(torch.float32)
+        pad = (-part.numel()) % self.block
+        if pad:
+            part = torch.cat([part, part[-(self.block - pad):][:1].expand(pad)])
+        return part.view(-1, self.block)
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        flat = x.reshape(-1).to(torch.float32)
+        flat = x.reshape(-1)
         n = flat.numel()
-        rows = bucketize_flat(flat, self.block)
-        if self.mode == "symmetric":
-            step = rows.abs().amax(dim=1) / self.qmax
-            r = rows / torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(1)
-            q = self._round(r, info).clamp_(-self.qmax, self.qmax).reshape(-1)[:n]
-            if self.bits == 8:
-                return Packet(self.name, n, (step, q.to(torch.int8)))
-            return Packet(self.name, n, (step, pack_bits((q + self.qmax).to(torch.int64), self.bits)))
-        # affine: the padding of the last block must not widen its range
-        pad = rows.numel() - n
-        valid = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
-        if pad:
-            valid[n:] = False
-        valid = valid.view_as(rows)
-        lo = torch.where(valid, rows, torch.full_like(rows, float("inf"))).amin(dim=1)
-        hi = torch.where(valid, rows, torch.full_like(rows, float("-inf"))).amax(dim=1)
-        step = (hi - lo) / self.qmax
-        r = (rows - lo.unsqueeze(1)) / torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(1)
-        q = self._round(r, info).clamp_(0, self.qmax).reshape(-1)[:n]
-        return Packet(self.name, n, (step, lo, pack_bits(q.to(torch.int64), self.bits)))
+        gen = info.generator(flat.device) if self.rounding == "stochastic" else None
+        steps, mins = [], []
+        if self.bits == 8 and self.mode == "symmetric":
+            out = torch.empty(n, dtype=torch.int8, device=flat.device)
+        else:
+            out = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=flat.device)
+        for lo, hi in slices(n, flat.device, self.block):
+            rows = self._rows(flat, lo, hi)
+            if self.mode == "symmetric":
+                top = rows.abs().amax(dim=1)
+                step = top / self.qmax
+                r = (rows / torch.where(top > 0, top, 1.0).unsqueeze(1)).mul_(self.qmax)
+                low, high = -self.qmax, self.qmax
+            else:
+                least, most = torch.aminmax(rows, dim=1)
+                span = most - least
+                step = span / self.qmax
+                r = ((rows - least.unsqueeze(1)) / torch.where(span > 0, span, 1.0).unsqueeze(1)).mul_(self.qmax)
+                low, high = 0, self.qmax
+                mins.append(least)
+            if self.rounding == "nearest":
+                r.round_()
+            else:
+                stochastic_round_(r, uniform_lanes(gen, r.numel(), flat.device))
+            q = r.clamp_(low, high).view(-1)[: hi - lo]
+            steps.append(step)
+            if out.dtype == torch.int8:
+                out[lo:hi].copy_(q)
+            else:
+                pack_into(q.to(torch.int16).add_(-low), self.bits, out[lo * self.bits // 8: packed_nbytes(hi, self.bits)])
+        fields = (torch.cat(steps) if len(steps) > 1 else steps[0],) if steps else (flat.new_zeros(0, dtype=torch.float32),)
+        if self.mode == "affine":
+            fields += (torch.cat(mins) if len(mins) > 1 else mins[0],) if mins else (fields[0],)
+        return Packet(self.name, n, (*fields, out))
+
+    def _codes(self, q: torch.Tensor, n: int, offset: float, device: torch.device) -> torch.Tensor:
+        """The packed codes as float32 values ``code − offset``."""
+        bits = self.bits
+        if 8 % bits:
+            return unpack_codes(q, bits, n).to(torch.float32).sub_(offset)
+        table = byte_table(torch.arange(1 << bits, dtype=torch.float32, device=device) - offset, bits)
+        out = torch.empty(q.numel() * 8 // bits, dtype=torch.float32, device=device)
+        for lo, hi in slices(q.numel(), device):
+            lookup(q[lo:hi], table, out[lo * 8 // bits: hi * 8 // bits])
+        return out[:n]
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         n = packet.numel
@@ -88,14 +119,22 @@ class Int8(Codec):
             step, q = self.check(packet, info, 2)
             step = expect_field(step, torch.float32, blocks, "int8 scales")
             if self.bits == 8:
-                q = expect_field(q, torch.int8, n, "int8 values").to(torch.float32)
-            else:
-                q = expect_field(q, torch.uint8, packed_nbytes(n, self.bits), "packed values")
-                q = (unpack_bits(q, self.bits, n) - self.qmax).to(torch.float32)
-            return step.repeat_interleave(self.block)[:n] * q
-        step, lo, q = self.check(packet, info, 3)
+                q = expect_field(q, torch.int8, n, "int8 values")
+                out = torch.empty(n, dtype=torch.float32, device=step.device)
+                for lo, hi in slices(n, step.device, self.block):
+                    scale_rows_(out[lo:hi].copy_(q[lo:hi]), step[lo // self.block:], self.block)
+                return out
+            q = expect_field(q, torch.uint8, packed_nbytes(n, self.bits), "packed values")
+            out = self._codes(q, n, self.qmax, step.device)
+            for lo, hi in slices(n, step.device, self.block):
+                scale_rows_(out[lo:hi], step[lo // self.block:], self.block)
+            return out
+        step, lo_, q = self.check(packet, info, 3)
         step = expect_field(step, torch.float32, blocks, "affine scales")
-        lo = expect_field(lo, torch.float32, blocks, "affine minima")
+        least = expect_field(lo_, torch.float32, blocks, "affine minima")
         q = expect_field(q, torch.uint8, packed_nbytes(n, self.bits), "packed values")
-        q = unpack_bits(q, self.bits, n).to(torch.float32)
-        return lo.repeat_interleave(self.block)[:n] + step.repeat_interleave(self.block)[:n] * q
+        out = self._codes(q, n, 0.0, step.device)
+        for lo, hi in slices(n, step.device, self.block):
+            part = scale_rows_(out[lo:hi], step[lo // self.block:], self.block)
+            add_rows_(part, least[lo // self.block:], self.block)
+        return out

@@ -37,6 +37,7 @@ import torch
 
 from compressors import ecsq
 from compressors.base import Codec, Kind, TensorInfo, register
+from compressors.bits import slices
 from compressors.infotheory import ScalarQuantizer
 from compressors.packet import Packet, PacketError
 
@@ -58,11 +59,15 @@ class _Design:
     model: object           # constriction.stream.model.Categorical
     lengths: np.ndarray     # −log2 of the model probabilities
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Cell indices of ``z`` and their coded length in bits under this design's model."""
-        index = self.quantizer.quantize(z)
-        counts = torch.bincount(index, minlength=self.quantizer.size).cpu().numpy()
-        return index, float(counts @ self.lengths)
+    def quantize(self, u: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> float:
+        """Cell indices of ``z = (u − μ)/σ`` into the int32 ``out``, slice by slice; returns their coded
+        length in bits under this design's model."""
+        counts = torch.zeros(self.quantizer.size, dtype=torch.int64, device=u.device)
+        for lo, hi in slices(u.numel(), u.device):
+            index = self.quantizer.quantize((u[lo:hi].to(torch.float32) - mu).div_(sigma))
+            out[lo:hi] = index
+            counts += torch.bincount(index, minlength=self.quantizer.size)
+        return float(counts.cpu().numpy() @ self.lengths)
 
 
 @lru_cache(maxsize=4096)
@@ -71,6 +76,20 @@ def _design(rate: float, code: int) -> _Design:
     p = np.maximum(sq.probs, _MIN_MODEL_PROB).astype(np.float32).astype(np.float64)
     p = p / p.sum()
     return _Design(sq, constriction.stream.model.Categorical(p, perfect=False), -np.log2(p))
+
+
+def _moments(u: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(μ, σ) of a flat tensor as float32 (population σ) in two passes over cache-sized slices: μ from
+    float64 sums, then σ² = mean (u − μ)²; and whether the tensor is constant (σ exactly 0)."""
+    n = u.numel()
+    if n == 0:
+        return u.new_zeros(2, dtype=torch.float32), True
+    spans = slices(n, u.device)
+    mu = (torch.stack([u[lo:hi].sum(dtype=torch.float64) for lo, hi in spans]).sum() / n).to(torch.float32)
+    second = torch.stack([torch.linalg.vector_norm(u[lo:hi].to(torch.float32) - mu).to(torch.float64).square()
+                          for lo, hi in spans]).sum() / n
+    stats = torch.stack([mu, second.sqrt().to(torch.float32)])
+    return stats, bool(second == 0)
 
 
 @register
@@ -89,29 +108,29 @@ class RCFed(Codec):
             raise ValueError(f"rate={self.rate} bits per coordinate must be in [{MIN_RATE}, {MAX_RATE}]")
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        u = x.reshape(-1).to(torch.float32)
+        u = x.reshape(-1)
         n = u.numel()
-        sigma, mu = torch.std_mean(u, correction=0) if n else (u.new_zeros(()), u.new_zeros(()))
-        stats = torch.stack([mu, sigma])
+        stats, constant = _moments(u)
         mu_f, sigma_f = stats.tolist()
         if not (math.isfinite(mu_f) and math.isfinite(sigma_f)):
             raise ValueError(f"rcfed cannot encode tensor {info.name!r}: it holds non-finite values")
-        if sigma_f == 0.0:  # constant tensor: μ says it all
+        if constant:  # σ = 0: μ says it all
             return self._packet(n, stats, GRID, np.zeros(0, dtype=np.uint32))
-        z = (u - mu) / sigma
-        code, index = self._choose(z)
+        code, index = self._choose(u, stats[0], stats[1])
         words = self._code(index, _design(self.rate, code))
         return self._packet(n, stats, code, words)
 
-    def _choose(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """The design code whose coded length on ``z`` is closest to ``rate``, and its indices."""
-        budget = self.rate * z.numel()
+    def _choose(self, u: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The design code whose coded length on ``(u − μ)/σ`` is closest to ``rate``, and its indices."""
+        budget = self.rate * u.numel()
         target = max(budget - _CODER_OVERHEAD, 0.75 * budget)
         code = GRID
-        index, bits = _design(self.rate, code).quantize(z)
+        index = torch.empty(u.numel(), dtype=torch.int32, device=u.device)
+        bits = _design(self.rate, code).quantize(u, mu, sigma, index)
         if not self.adapt:
             return code, index
         best = (abs(bits - target), code, index)
+        spare = torch.empty_like(index)
         prev: tuple[int, float] | None = None
         for _ in range(_ADAPT_DESIGNS - 1):
             if best[0] <= _ADAPT_TOL * target:
@@ -127,15 +146,15 @@ class RCFed(Codec):
                 break
             prev = (code, bits)
             code = new
-            index, bits = _design(self.rate, code).quantize(z)
+            bits = _design(self.rate, code).quantize(u, mu, sigma, spare)
             if abs(bits - target) < best[0]:
-                best = (abs(bits - target), code, index)
+                spare, best = best[2], (abs(bits - target), code, spare)
         return best[1], best[2]
 
     @staticmethod
     def _code(index: torch.Tensor, design: _Design) -> np.ndarray:
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(index.to(device="cpu", dtype=torch.int32).numpy(), design.model)
+        coder.encode_reverse(index.to(device="cpu", dtype=torch.int32).reshape(-1).numpy(), design.model)
         return coder.get_compressed()
 
     def _packet(self, n: int, stats: torch.Tensor, code: int, words: np.ndarray) -> Packet:
@@ -169,5 +188,6 @@ class RCFed(Codec):
             raise PacketError(f"rcfed stream cannot be decoded: {err}") from err
         if not coder.is_empty():
             raise PacketError(f"rcfed stream holds more data than {n} symbols")
-        index = torch.from_numpy(symbols.astype(np.int64)).to(stats.device)
-        return mu + sigma * design.quantizer.reconstruct(index)
+        index = torch.from_numpy(symbols.view(np.int32)).to(stats.device)
+        values = mu + sigma * design.quantizer.reconstruct(torch.arange(design.quantizer.size, device=stats.device))
+        return values.index_select(0, index)      # μ + σ·q_i, the same two roundings per element

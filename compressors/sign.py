@@ -15,36 +15,80 @@ from typing import ClassVar
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
-from compressors.bits import expect_field, pack_bits, packed_nbytes, unpack_bits
+from compressors.bits import byte_table, expect_field, lookup, pack_bits, pack_into, packed_nbytes, slices
 from compressors.packet import Packet, PacketError
 from compressors.sparse_index import decode_indices, encode_indices, layout
 
 
-def encode_signs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fields for sgn(x) ∈ {−1, 0, 1}: zero count (int64[1]), sign bits of the nonzeros, zero positions."""
+def encode_signs(x: torch.Tensor, l1: bool = False) -> tuple[torch.Tensor, ...]:
+    """Fields for sgn(x) ∈ {−1, 0, 1}: zero count (int64[1]), sign bits of the nonzeros, zero positions;
+    with ``l1`` also ‖x‖₁ (float32, 0-d) from the same pass.
+
+    One pass over cache-sized slices packs every sign bit and finds each slice's smallest |x|; only when
+    one is 0 (exact zeros) a second pass over those slices leaves the zeros' bits out."""
     flat = x.reshape(-1)
-    zero = flat == 0
-    idx = zero.nonzero().reshape(-1)
+    n = flat.numel()
+    spans = slices(n, flat.device)
+    packed = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=flat.device)
+    least, total = [], []
+    for lo, hi in spans:
+        part = flat[lo:hi].to(torch.float32)
+        magnitude = part.abs()
+        least.append(magnitude.amin())
+        if l1:
+            total.append(magnitude.sum())
+        pack_into(part < 0, 1, packed[lo // 8: packed_nbytes(hi, 1)])
+    norm = (torch.stack(total).sum() if total else flat.new_zeros((), dtype=torch.float32),) if l1 else ()
+    has_zero = (torch.stack(least) == 0).tolist() if n else []
+    if not any(has_zero):
+        empty = torch.empty(0, dtype=torch.uint8, device=flat.device)
+        return torch.zeros(1, dtype=torch.int64, device=flat.device), packed, empty, *norm
+    negative, zeros = [], []
+    for (lo, hi), zero in zip(spans, has_zero):
+        part = flat[lo:hi]
+        if zero:
+            kept = part != 0
+            zeros.append((~kept).nonzero().reshape(-1).add_(lo))
+            part = part[kept]
+        negative.append(part < 0)
+    idx = torch.cat(zeros)
     count = torch.tensor([idx.numel()], dtype=torch.int64, device=flat.device)
-    negative = (flat[~zero] < 0).to(torch.uint8)
-    return count, pack_bits(negative, 1), encode_indices(idx, flat.numel())
+    return count, pack_bits(torch.cat(negative), 1), encode_indices(idx, n), *norm
 
 
-def decode_signs(count: torch.Tensor, signs: torch.Tensor, zeros: torch.Tensor, numel: int, what: str) -> torch.Tensor:
-    """Inverse of :func:`encode_signs`: sgn(x) as float32 in {−1, 0, 1}."""
+def decode_signs(count: torch.Tensor, signs: torch.Tensor, zeros: torch.Tensor, numel: int, what: str,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`encode_signs`: sgn(x) as float32 in {−1, 0, 1}, times ``scale`` when given."""
     k = int(expect_field(count, torch.int64, 1, f"{what} zero count")[0])
     if not 0 <= k <= numel:
         raise PacketError(f"{what}: zero count {k} is not in 0..{numel}")
     expect_field(zeros, torch.uint8, layout(k, numel).nbytes, f"{what} zero positions")
     signs = expect_field(signs, torch.uint8, packed_nbytes(numel - k, 1), f"{what} signs")
-    negative = unpack_bits(signs, 1, numel - k)
-    values = 1.0 - 2.0 * negative.to(torch.float32)
+    unit = torch.tensor([1.0, -1.0], device=signs.device)
+    table = byte_table(unit if scale is None else unit * scale, 1)
+    values = torch.empty(signs.numel() * 8, dtype=torch.float32, device=signs.device)
+    for lo, hi in slices(signs.numel(), signs.device):
+        lookup(signs[lo:hi], table, values[lo * 8: hi * 8])
     if k == 0:
-        return values
-    nonzero = torch.ones(numel, dtype=torch.bool, device=signs.device)
-    nonzero[decode_indices(zeros.reshape(-1), k, numel)] = False
-    out = torch.zeros(numel, dtype=torch.float32, device=signs.device)
-    return out.masked_scatter_(nonzero, values)
+        return values[:numel]
+    # the nonzeros' values go around the zeros, slice by slice (a slice without zeros is one copy)
+    idx = decode_indices(zeros.reshape(-1), k, numel)
+    spans = slices(numel, signs.device)
+    ends = torch.tensor([hi for _, hi in spans], device=idx.device)
+    before = torch.searchsorted(idx, ends).tolist()            # zeros before each slice's end
+    out = torch.empty(numel, dtype=torch.float32, device=signs.device)
+    z = taken = 0
+    for (lo, hi), z_end in zip(spans, before):
+        part = out[lo:hi]
+        m = (hi - lo) - (z_end - z)
+        if z_end == z:
+            part.copy_(values[taken: taken + m])
+        else:
+            nonzero = torch.ones(hi - lo, dtype=torch.bool, device=out.device)
+            nonzero[idx[z:z_end] - lo] = False
+            part.zero_().masked_scatter_(nonzero, values[taken: taken + m])
+        z, taken = z_end, taken + m
+    return out
 
 
 @register
@@ -97,11 +141,10 @@ class ScaledSign(Codec):
     source: ClassVar[str] = "Karimireddy, Rebjock, Stich, Jaggi: EF-SignSGD, ICML 2019"
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        p = x.reshape(-1).to(torch.float32)
-        scale = (p.abs().sum() / max(1, p.numel())).reshape(1)
-        return Packet(self.name, p.numel(), (scale, *encode_signs(p)))
+        count, signs, zeros, l1 = encode_signs(x, l1=True)
+        return Packet(self.name, x.numel(), ((l1 / max(1, x.numel())).reshape(1), count, signs, zeros))
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         scale, count, signs, zeros = self.check(packet, info, 4)
         scale = expect_field(scale, torch.float32, 1, f"{self.name} scale")
-        return scale * decode_signs(count, signs, zeros, packet.numel, self.name)
+        return decode_signs(count, signs, zeros, packet.numel, self.name, scale)

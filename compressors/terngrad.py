@@ -17,7 +17,9 @@ from typing import ClassVar
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
-from compressors.bits import expect_field, pack_bits, packed_nbytes, unpack_bits
+from compressors.bits import (
+    byte_table, expect_field, lookup, pack_into, packed_nbytes, slices, stochastic_round_, uniform_lanes,
+)
 from compressors.packet import Packet
 
 
@@ -39,21 +41,45 @@ class TernGrad(Codec):
         if self.clip < 0:
             raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
 
+    def _bound_and_scale(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The clipping bound c·‖g‖/√d (None without clipping) and s = max|clip(g)| = min(‖g‖∞, bound),
+        from one pass over cache-sized slices."""
+        sumsq, top = [], []
+        for lo, hi in slices(flat.numel(), flat.device):
+            part = flat[lo:hi].to(torch.float32)
+            if self.clip > 0:
+                sumsq.append(torch.linalg.vector_norm(part).square())
+            top.append(part.abs().amax())
+        scale = torch.stack(top).amax()
+        if self.clip == 0:
+            return None, scale
+        bound = self.clip * torch.stack(sumsq).sum().sqrt() / flat.numel() ** 0.5
+        return bound, torch.minimum(scale, bound)
+
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        g = x.reshape(-1).to(torch.float32)
-        if self.clip > 0 and g.numel():
-            bound = self.clip * g.norm() / g.numel() ** 0.5
-            g = torch.maximum(torch.minimum(g, bound), -bound)
-        scale = g.abs().amax().reshape(1) if g.numel() else g.new_zeros(1)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        u = torch.rand(g.shape, generator=info.generator(g.device), device=g.device)
-        keep = u < g.abs() / safe
-        codes = keep.to(torch.uint8) * torch.where(g < 0, 2, 1).to(torch.uint8)
-        return Packet(self.name, g.numel(), (scale, pack_bits(codes, 2)))
+        flat = x.reshape(-1)
+        n = flat.numel()
+        packed = torch.empty(packed_nbytes(n, 2), dtype=torch.uint8, device=flat.device)
+        if n == 0:
+            return Packet(self.name, 0, (flat.new_zeros(1, dtype=torch.float32), packed))
+        bound, scale = self._bound_and_scale(flat)
+        safe = torch.where(scale > 0, scale, 1.0)
+        gen = info.generator(flat.device)
+        for lo, hi in slices(n, flat.device):
+            g = flat[lo:hi].to(torch.float32)
+            g = g.clamp(-bound, bound) if bound is not None else g.clone()
+            # b ~ Bernoulli(|g|/s) with the sign of g: the stochastic rounding of g/s ∈ [−1, 1]
+            t = stochastic_round_(g.div_(safe), uniform_lanes(gen, hi - lo, flat.device)).to(torch.int8)
+            pack_into(t.abs().sub_(t >> 7), 2, packed[lo // 4: packed_nbytes(hi, 2)])   # 0, +s → 1, −s → 2
+        return Packet(self.name, n, (scale.reshape(1), packed))
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         scale, packed = self.check(packet, info, 2)
         n = packet.numel
         scale = expect_field(scale, torch.float32, 1, "terngrad scale")
-        codes = unpack_bits(expect_field(packed, torch.uint8, packed_nbytes(n, 2), "terngrad codes"), 2, n)
-        return scale * ((codes == 1).to(torch.float32) - (codes == 2).to(torch.float32))
+        packed = expect_field(packed, torch.uint8, packed_nbytes(n, 2), "terngrad codes")
+        table = byte_table(scale * torch.tensor([0.0, 1.0, -1.0, 0.0], device=scale.device), 2)
+        out = torch.empty(packed.numel() * 4, dtype=torch.float32, device=scale.device)
+        for lo, hi in slices(packed.numel(), scale.device):
+            lookup(packed[lo:hi], table, out[lo * 4: hi * 4])
+        return out[:n]

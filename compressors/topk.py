@@ -3,6 +3,9 @@
 k = max(1, ⌊ρ·d⌋). Biased, so run it with ``compression.error_feedback: true`` (the EF wrapper keeps
 u − Topk(u)). Contraction: ‖u − Topk(u)‖² ≤ (1 − k/d)‖u‖² for every u.
 
+The selection needs no sort of d elements (:func:`compressors.sparse_index.top_magnitudes`: a sampled
+threshold, then the exact k-th largest among ≈ 1.1k candidates); ties at the cut go to the lowest indices.
+
 Wire: k fp32 values in index order, then the sorted indices Elias–Fano coded
 (:mod:`compressors.sparse_index`, ≈ log2(d/k) + 2 bits each). k follows from (ρ, d), so no length
 is sent. Gather kind: different workers keep different supports.
@@ -17,7 +20,7 @@ import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.packet import Packet, PacketError
-from compressors.sparse_index import check_density, densify, density_count, sparse_fields
+from compressors.sparse_index import check_density, densify, density_count, encode_indices, top_magnitudes
 
 
 @register
@@ -34,10 +37,10 @@ class TopK(Codec):
         check_density(self.density)
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        flat = x.reshape(-1).to(torch.float32)
-        k = density_count(self.density, flat.numel())
-        idx = flat.abs().topk(k, sorted=False).indices
-        return Packet(self.name, flat.numel(), sparse_fields(flat[idx], idx, flat.numel()))
+        flat = x.reshape(-1)
+        n = flat.numel()
+        idx = top_magnitudes(flat, density_count(self.density, n))        # ascending
+        return Packet(self.name, n, (flat[idx].to(torch.float32), encode_indices(idx, n)))
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         values, code = self.check(packet, info, 2)

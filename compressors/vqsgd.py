@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
-from compressors.bits import bucketize_flat, packed_nbytes, pack_bits, unpack_bits
+from compressors.bits import bucketize_flat, pack_into, packed_nbytes, slices, uniform_lanes, unpack_codes
 from compressors.packet import Packet, PacketError
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -135,19 +135,49 @@ class VQSGD(Codec):
         return max(1, math.ceil(math.log2(num_points(self.points, self.block_size(numel)))))
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
-        flat = x.reshape(-1).to(torch.float32)
+        flat = x.reshape(-1)
         n = flat.numel()
         m = self.block_size(n)
-        rows = bucketize_flat(flat, m)
-        norms = rows.norm(dim=1)
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        v = (rows / safe.unsqueeze(1)).to(torch.float64)
-        # rounding can leave ‖v‖ a hair above 1; the coefficients clamp γ at 0
-        cdf = point_probabilities(v, self.points).cumsum(dim=1)
+        bits = self.index_bits(n)
+        blocks = -(-n // m) if n else 0
+        packed = torch.empty(packed_nbytes(blocks * self.reps, bits), dtype=torch.uint8, device=flat.device)
+        norms = []
         gen = info.generator(flat.device)
-        u = torch.rand((rows.shape[0], self.reps), generator=gen, device=flat.device, dtype=torch.float64)
-        index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
-        return Packet(self.name, n, (norms, pack_bits(index, self.index_bits(n))))
+        # whole blocks per slice, and a multiple of 8 draws so every slice packs to whole bytes
+        unit = m * 8 // math.gcd(self.reps, 8)
+        for lo, hi in slices(n, flat.device, unit):
+            rows = bucketize_flat(flat[lo:hi].to(torch.float32), m)
+            norm = torch.linalg.vector_norm(rows, dim=1)
+            first = lo // m * self.reps
+            u = uniform_lanes(gen, rows.shape[0] * self.reps, flat.device).view(-1, self.reps)
+            u = u.to(torch.float32).mul_(2.0**-32).add_(0.5)        # uniform on [0, 1)
+            safe = torch.where(norm > 0, norm, 1.0).unsqueeze(1)
+            index = self._sample_cross(rows, safe, u) if self.points == "cross" else self._sample(rows / safe, u)
+            pack_into(index, bits, packed[first * bits // 8: packed_nbytes(first + index.numel(), bits)])
+            norms.append(norm)
+        norms = torch.cat(norms) if norms else flat.new_zeros(0, dtype=torch.float32)
+        return Packet(self.name, n, (norms, packed))
+
+    def _sample_cross(self, rows: torch.Tensor, norm: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Draws ``J`` with ``P(±e_i) = max(±v_i, 0)/√m + γ/(2m)`` (``v`` = a row over its ``norm``) as the
+        mixture it is: mass ‖v‖₁/√m on ``sgn(v_i)·e_i`` with ``i ∝ |v_i|``, and γ spread evenly over the 2m
+        points; one uniform per draw, the inverse CDF of |row| in the first part."""
+        m = rows.shape[1]
+        cum = rows.abs().cumsum(dim=1)
+        l1 = cum[:, -1:]
+        lean = l1 / (norm * math.sqrt(m))                        # ‖v‖₁/√m, the mass of the first part
+        gamma = (1 - lean).clamp_(min=0)
+        t = u.mul_(lean + gamma)                                  # a point of [0, total mass)
+        first = t < lean
+        coordinate = torch.searchsorted(cum, t * (l1 / torch.where(lean > 0, lean, 1.0)), right=True).clamp_(max=m - 1)
+        point = coordinate + m * (torch.gather(rows, 1, coordinate) < 0)
+        spread = t.sub_(lean).mul_((2 * m) / torch.where(gamma > 0, gamma, 1.0)).to(torch.int64).clamp_(0, 2 * m - 1)
+        return torch.where(first, point, spread)
+
+    def _sample(self, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF draws over the point set's probabilities (float64 cumulative sums)."""
+        cdf = point_probabilities(v.to(torch.float64), self.points).cumsum(dim=1)
+        return torch.searchsorted(cdf, u.to(torch.float64) * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         norms, packed = self.check(packet, info, 2)
@@ -164,13 +194,18 @@ class VQSGD(Codec):
         if n == 0:
             return norms.new_zeros(0)
         count = num_points(self.points, m)
-        index = unpack_bits(packed, bits, blocks * self.reps).view(blocks, self.reps)
-        if int(index.max()) >= count:
-            raise PacketError(f"vqsgd packet names point {int(index.max())}; the {self.points} set has {count}")
-        hits = torch.zeros((blocks, count), dtype=torch.float32, device=norms.device)
-        hits.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
-        total = self.sum_points(hits, m)           # Σ_j c_{J_j} per block
-        out = total * (norms / self.reps).unsqueeze(1)
+        index = unpack_codes(packed, bits, blocks * self.reps).to(torch.int64).view(blocks, self.reps)
+        top = int(index.max())
+        if top >= count:
+            raise PacketError(f"vqsgd packet names point {top}; the {self.points} set has {count}")
+        if self.points == "cross":                 # Σ_j c_{J_j} = √m·(hits of +e_i − hits of −e_i)
+            total = torch.zeros((blocks, m), dtype=torch.float32, device=norms.device)
+            total.scatter_add_(1, index % m, 1.0 - 2.0 * (index >= m).to(torch.float32))
+            out = total.mul_((norms * (math.sqrt(m) / self.reps)).unsqueeze(1))
+        else:
+            hits = torch.zeros((blocks, count), dtype=torch.float32, device=norms.device)
+            hits.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+            out = self.sum_points(hits, m) * (norms / self.reps).unsqueeze(1)   # Σ_j c_{J_j} per block
         return out.reshape(-1)[:n]
 
     def sum_points(self, hits: torch.Tensor, m: int) -> torch.Tensor:

@@ -9,12 +9,17 @@ import compressors
 from rayq.launch.cli import main
 
 
-def test_bench_codecs_writes_json_and_markdown_with_sane_figures(tmp_path):
+def test_bench_codecs_writes_json_markdown_and_plot_with_sane_figures(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "codecs", "--sizes", "20000", "--repeat", "1", "--cpu-only", "--out", str(out)]) == 0
-    rows = json.loads((out / "codecs.json").read_text())["results"]
+    report = json.loads((out / "codecs.json").read_text())
+    rows, refs = report["results"], report["references"]
+    assert report["environment"]["threads"] == 1 and len(report["environment"]["load_average"]) == 3
     assert {r["codec"] for r in rows} == set(compressors.REGISTRY)
     assert {r["data"] for r in rows} == {"gaussian", "gradient"}
+    assert [(r["device"], r["numel"]) for r in refs] == [("cpu", 20000)]
+    ref = refs[0]
+    assert ref["copy_bytes_per_s"] > 1e7 and ref["fresh_write_bytes_per_s"] > 1e6 and ref["elementwise_elems_per_s"] > 1e6
     by = {(r["codec"], r["data"]): r for r in rows}
     for data in ("gaussian", "gradient"):
         assert by[("none", data)]["distortion"] == 0.0
@@ -22,13 +27,21 @@ def test_bench_codecs_writes_json_and_markdown_with_sane_figures(tmp_path):
         assert 16 < by[("fp16", data)]["bits_per_element"] < 16.1
         assert by[("fp16", data)]["distortion"] < 1e-6
         assert by[("powersgd", data)]["bits_per_element"] < 4  # rank 2 on a 20×1000 matrix: ~2.1 bits
+        assert by[("powersgd", data)]["decode_elems_per_s"] is None  # multi-round: the exchange is timed whole
     for r in rows:
         assert 0 < r["bits_per_element"] < 40, r
         assert r["bytes"] == round(r["bits_per_element"] * r["numel"] / 8)
         assert r["encode_elems_per_s"] and r["encode_elems_per_s"] > 0
+        assert r["encode_fraction_of_pass"] == r["encode_elems_per_s"] / ref["elementwise_elems_per_s"]
+        assert r["encode_cpu_s"] >= 0 and r["bytes_per_s"] > 0
+        if r["protocol"] == "packet":
+            assert r["decode_elems_per_s"] > 0 and r["serialize_s"] > 0 and r["parse_s"] > 0
         assert math.isfinite(r["distortion"]) and r["distortion"] >= 0
     md = (out / "codecs.md").read_text()
-    assert md.count("\n") == len(rows) + 2 and "| cpu | gaussian | 20,000 | qsgd |" in md
+    references, codecs = md.split("\n\n")
+    assert references.count("\n") == len(refs) + 1 and codecs.count("\n") == len(rows) + 2
+    assert "| cpu | gaussian | 20,000 | qsgd |" in codecs and "| cpu | 20,000 |" in references
+    assert (out / "codecs.png").stat().st_size > 10_000
 
 
 def test_bench_e2e_replays_one_run_per_configuration_on_each_network(ray_session, tmp_path):

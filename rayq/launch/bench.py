@@ -1,15 +1,21 @@
-"""``rayq bench``: speed and rate-distortion figures, written as JSON and a Markdown table.
+"""``rayq bench``: speed and rate-distortion figures, written as JSON, a Markdown table and a plot.
 
 ``rayq bench codecs``: every codec on flat vectors of 1 M and 11 M elements (ResNet-18 size), on
-Gaussian vectors and on real gradients (ResNet-18, CIFAR stem, on real images), on CPU and on CUDA when
-available: encode and decode throughput (elements/s, median of repeats after a warm-up), bits per element
-from the packets' bytes, and relative distortion ‖C(g)−g‖²/‖g‖².
+Gaussian vectors and on real gradients (ResNet-18, CIFAR stem, on real images), on CPU (``--threads``
+torch threads, 1 by default) and on CUDA when available. Per codec: encode and decode throughput
+(elements/s, median of repeats after a warm-up; the codec alone, synchronised on the device, wall and
+thread CPU time), the packet's serialisation to and from bytes apart, bits per element from the packets'
+bytes, and relative distortion ‖C(g)−g‖²/‖g‖². Measured in the same run on the same data: the device's
+copy bandwidth (``dst.copy_(x)``), a write to a freshly allocated buffer (page faults included), and one
+element-wise pass ``x.abs().sum()``; each codec's throughput as a fraction of that pass, and the bytes it
+touches per element (input, packet, output) divided by its time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,7 +26,7 @@ from typing import Any
 
 import torch
 
-from compressors import REGISTRY, Codec, Kind, TensorInfo, make_codec
+from compressors import REGISTRY, Codec, Kind, Packet, TensorInfo, make_codec
 from compressors.base import ExchangeGen
 
 
@@ -71,95 +77,171 @@ def _single_worker_exchange(codec: Codec, x: torch.Tensor, info: TensorInfo) -> 
             return stop.value, nbytes
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
+    """``fn()``, its wall seconds (synchronised on ``device``) and this thread's CPU seconds."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.thread_time()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0, time.thread_time() - c0
+
+
+def reference(x: torch.Tensor, repeat: int) -> dict[str, float]:
+    """The device's own figures on ``x``: copy bandwidth (bytes read + written per second), a write to a
+    fresh buffer, and one element-wise pass ``x.abs().sum()`` (elements per second); medians."""
+    device, n, size = x.device, x.numel(), x.element_size()
+    dst = torch.empty_like(x)
+    figures: dict[str, list[float]] = {"copy": [], "fresh": [], "pass": []}
+    for i in range(repeat + 1):
+        for key, fn in (("copy", lambda: dst.copy_(x)), ("fresh", lambda: torch.empty_like(x).fill_(1.0)),
+                        ("pass", lambda: x.abs().sum())):
+            _, wall, _ = _timed(fn, device)
+            if i:
+                figures[key].append(wall)
+    copy, fresh, elementwise = (statistics.median(figures[k]) for k in ("copy", "fresh", "pass"))
+    return {"copy_bytes_per_s": 2 * size * n / copy, "fresh_write_bytes_per_s": size * n / fresh,
+            "elementwise_elems_per_s": n / elementwise}
+
+
 def bench_codec(name: str, params: dict[str, Any], x: torch.Tensor, repeat: int) -> dict[str, Any]:
     codec = make_codec(name, params)
     info = TensorInfo("bench", _matrix_shape(x.numel()), seed=1)
-    device = x.device
+    device, n = x.device, x.numel()
     multi_round = codec.kind is Kind.LINEAR and type(codec).exchange is not Codec.exchange
-    enc_t, dec_t = [], []
+    times: dict[str, list[float]] = {k: [] for k in ("encode", "decode", "encode_cpu", "decode_cpu", "serialize", "parse")}
     for i in range(repeat + 1):  # the first run warms up caches, kernels and lazily built tables
         info_i = TensorInfo(info.name, info.shape, seed=1, step=i)
-        _sync(device)
-        t0 = time.perf_counter()
         if multi_round:
-            decoded, nbytes = _single_worker_exchange(codec, x, info_i)
-            _sync(device)
-            t1 = t2 = time.perf_counter()
+            (decoded, nbytes), enc, enc_cpu = _timed(lambda: _single_worker_exchange(codec, x, info_i), device)
+            dec = dec_cpu = ser = par = float("nan")
         else:
-            packet = codec.encode(x, info_i)
-            data = packet.to_bytes()
-            _sync(device)
-            t1 = time.perf_counter()
-            decoded = codec.decode(type(packet).from_bytes(data).to(device), info_i)
-            _sync(device)
-            t2 = time.perf_counter()
+            packet, enc, enc_cpu = _timed(lambda: codec.encode(x, info_i), device)
+            data, ser, _ = _timed(packet.to_bytes, device)
+            back, par, _ = _timed(lambda: Packet.from_bytes(data).to(device), device)
+            decoded, dec, dec_cpu = _timed(lambda: codec.decode(back, info_i), device)
             nbytes = len(data)
         if i:
-            enc_t.append(t1 - t0)
-            dec_t.append(t2 - t1)
+            for key, value in zip(times, (enc, dec, enc_cpu, dec_cpu, ser, par)):
+                times[key].append(value)
     err = float(((decoded.double() - x.double()) ** 2).sum() / (x.double() ** 2).sum())
-    enc, dec = statistics.median(enc_t), statistics.median(dec_t)
+    t = {k: statistics.median(v) for k, v in times.items()}
+
+    def rate(seconds: float) -> float | None:
+        return n / seconds if seconds > 0 else None   # NaN (not measured) is not > 0
+
+    touched = x.element_size() * n + nbytes + (0 if multi_round else 4 * n)   # input, packet, fp32 output
     return {
-        "codec": name, "params": params, "kind": codec.kind.value, "numel": x.numel(),
-        "bits_per_element": 8.0 * nbytes / x.numel(), "bytes": nbytes,
-        "encode_elems_per_s": x.numel() / enc if enc > 0 else None,
-        "decode_elems_per_s": (x.numel() / dec if dec > 0 else None) if not multi_round else None,
-        "encode_s": enc, "decode_s": dec if not multi_round else None,
+        "codec": name, "params": params, "kind": codec.kind.value, "numel": n,
+        "bits_per_element": 8.0 * nbytes / n, "bytes": nbytes,
+        "encode_elems_per_s": rate(t["encode"]),
+        "decode_elems_per_s": None if multi_round else rate(t["decode"]),
+        "encode_s": t["encode"], "decode_s": None if multi_round else t["decode"],
+        "encode_cpu_s": t["encode_cpu"], "decode_cpu_s": None if multi_round else t["decode_cpu"],
+        "serialize_s": None if multi_round else t["serialize"], "parse_s": None if multi_round else t["parse"],
+        "bytes_per_s": touched / (t["encode"] + (0 if multi_round else t["decode"])),
         "distortion": err, "protocol": "multi-round exchange (encode = whole exchange)" if multi_round else "packet",
     }
 
 
 def run_codecs(sizes: list[int], devices: list[str], codecs: list[str], repeat: int, data: list[str],
-               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
-    """Every codec on every (device, data, size); ``on_row`` sees each result as soon as it is measured."""
-    rows = []
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Every codec on every (device, data, size), and the device's reference figures for each (device, size);
+    ``on_row`` sees each result as soon as it is measured."""
+    rows, refs = [], []
     cache: dict[tuple[str, int], torch.Tensor] = {}
     for kind in data:
         for n in sizes:
             cache[(kind, n)] = real_gradient(n) if kind == "gradient" else torch.randn(
                 n, generator=torch.Generator().manual_seed(n))
     for device in devices:
-        for kind in data:
-            for n in sizes:
+        for n in sizes:
+            ref = reference(cache[(data[0], n)].to(device), repeat)
+            refs.append({"device": device, "numel": n, **ref})
+            for kind in data:
                 x = cache[(kind, n)].to(device)
                 for name in codecs:
                     row = bench_codec(name, {}, x, repeat)
                     row.update(device=device, data=kind)
+                    for way in ("encode", "decode"):
+                        r = row[f"{way}_elems_per_s"]
+                        row[f"{way}_fraction_of_pass"] = r / ref["elementwise_elems_per_s"] if r else None
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
-    return rows
+    return rows, refs
 
 
 def codec_line(row: dict[str, Any]) -> str:
     """One measured codec as a progress line."""
-    return (f"  {row['device']:4} {row['data']:8} {row['numel']:>9,} {row['codec']:10} "
+    return (f"  {row['device']:4} {row['data']:8} {row['numel']:>11,} {row['codec']:10} "
             f"{row['bits_per_element']:7.3f} bits/elem  enc {_rate(row['encode_elems_per_s']):>10}  "
             f"dec {_rate(row['decode_elems_per_s']):>10}  distortion {row['distortion']:.4g}")
 
 
-def _rate(r: float | None) -> str:
+def _rate(r: float | None, unit: str = "/s") -> str:
     if r is None:
         return "-"
-    for unit, div in (("G/s", 1e9), ("M/s", 1e6), ("k/s", 1e3)):
+    for prefix, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if r >= div:
-            return f"{r / div:.2f} {unit}"
-    return f"{r:.0f} /s"
+            return f"{r / div:.2f} {prefix}{unit}"
+    return f"{r:.0f} {unit}"
 
 
-def codecs_markdown(rows: list[dict]) -> str:
-    lines = ["| device | data | elements | codec | kind | bits/elem | ratio | encode | decode | distortion |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+def _fraction(f: float | None) -> str:
+    return "-" if f is None else f"{f:.2f}"
+
+
+def codecs_markdown(rows: list[dict], refs: list[dict]) -> str:
+    """The reference figures of each (device, size), then one line per codec."""
+    lines = ["| device | elements | copy | fresh write | element-wise pass x.abs().sum() |", "|---|---:|---:|---:|---:|"]
+    for r in refs:
+        lines.append(f"| {r['device']} | {r['numel']:,} | {_rate(r['copy_bytes_per_s'], 'B/s')} | "
+                     f"{_rate(r['fresh_write_bytes_per_s'], 'B/s')} | {_rate(r['elementwise_elems_per_s'])} |")
+    lines += ["", "| device | data | elements | codec | kind | bits/elem | ratio | encode | decode | "
+              "enc / pass | dec / pass | bytes touched / time | serialize | distortion |",
+              "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        ser = "-" if r["serialize_s"] is None else f"{1e3 * (r['serialize_s'] + r['parse_s']):.1f} ms"
         lines.append(f"| {r['device']} | {r['data']} | {r['numel']:,} | {r['codec']} | {r['kind']} | "
                      f"{r['bits_per_element']:.3f} | {32 / r['bits_per_element']:.1f}x | "
-                     f"{_rate(r['encode_elems_per_s'])} | {_rate(r['decode_elems_per_s'])} | {r['distortion']:.3g} |")
+                     f"{_rate(r['encode_elems_per_s'])} | {_rate(r['decode_elems_per_s'])} | "
+                     f"{_fraction(r['encode_fraction_of_pass'])} | {_fraction(r['decode_fraction_of_pass'])} | "
+                     f"{_rate(r['bytes_per_s'], 'B/s')} | {ser} | {r['distortion']:.3g} |")
     return "\n".join(lines)
+
+
+def plot_codecs(rows: list[dict], refs: list[dict], data: str, path: Path) -> None:
+    """Encode and decode throughput per codec on ``data``, one panel per (device, size), against the
+    element-wise pass and the copy rate (elements/s at 8 bytes moved per element) of the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(refs), figsize=(6 * len(refs), 0.28 * len(rows) / max(1, len(refs)) + 2.5),
+                             squeeze=False)
+    for ax, ref in zip(axes[0], refs):
+        mine = [r for r in rows if r["device"] == ref["device"] and r["numel"] == ref["numel"] and r["data"] == data]
+        y = range(len(mine))
+        for offset, way in ((-0.2, "encode"), (0.2, "decode")):
+            ax.barh([i + offset for i in y], [(r[f"{way}_elems_per_s"] or 0) / 1e6 for r in mine], height=0.4, label=way)
+        ax.axvline(ref["elementwise_elems_per_s"] / 1e6, color="black", ls="--", lw=1, label="x.abs().sum()")
+        ax.axvline(ref["copy_bytes_per_s"] / 8 / 1e6, color="grey", ls=":", lw=1, label="copy (fp32)")
+        ax.set_yticks(list(y), [r["codec"] for r in mine])
+        ax.set_xscale("log")
+        ax.set_xlabel("M elements/s")
+        ax.set_title(f"{ref['device']}, {ref['numel']:,} elements, {data}")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def environment() -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads(), "when": datetime.now().isoformat(timespec="seconds")}
+           platform.machine(), "threads": torch.get_num_threads(), "when": datetime.now().isoformat(timespec="seconds"),
+           "load_average": os.getloadavg(), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -176,13 +258,23 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     data = args.data.split(",")
     out = Path(args.out or f"bench_out/codecs-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"rayq bench codecs: sizes {sizes}, devices {devices}, {len(codecs)} codecs, data {data} -> {out}")
-    rows = run_codecs(sizes, devices, codecs, args.repeat, data, on_row=lambda r: print(codec_line(r), flush=True))
-    (out / "codecs.json").write_text(json.dumps({"environment": environment(), "results": rows}, indent=2))
-    table = codecs_markdown(rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        before = environment()
+        print(f"rayq bench codecs: sizes {sizes}, devices {devices}, {len(codecs)} codecs, data {data}, "
+              f"{args.threads} thread(s), load {before['load_average'][0]:.2f} -> {out}")
+        rows, refs = run_codecs(sizes, devices, codecs, args.repeat, data, on_row=lambda r: print(codec_line(r), flush=True))
+        env = {**environment(), "load_average_at_start": before["load_average"]}
+    finally:
+        torch.set_num_threads(threads)
+    (out / "codecs.json").write_text(json.dumps({"environment": env, "references": refs, "results": rows}, indent=2))
+    table = codecs_markdown(rows, refs)
     (out / "codecs.md").write_text(table + "\n")
+    plot_codecs(rows, refs, data[0], out / "codecs.png")
     print(table)
-    print(f"wrote {out / 'codecs.json'} and {out / 'codecs.md'}")
+    print(f"load average {env['load_average_at_start'][0]:.2f} at start, {env['load_average'][0]:.2f} at the end")
+    print(f"wrote {out / 'codecs.json'}, {out / 'codecs.md'} and {out / 'codecs.png'}")
     return 0
 
 
@@ -362,6 +454,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="gaussian,gradient", help="gaussian and/or gradient (ResNet-18, real images)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats after one warm-up (median reported)")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while measuring (default 1)")
     p.add_argument("--out", help="output directory (default bench_out/codecs-<time>)")
     p.set_defaults(func=cmd_bench_codecs)
 
