@@ -18,7 +18,7 @@ import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import (
-    byte_table, expect_field, lookup, pack_into, packed_nbytes, slices, stochastic_round_, uniform_lanes,
+    byte_table, expect_field, lookup, pack_into, packed_nbytes, slices, uniform_lanes,
 )
 from compressors.packet import Packet
 
@@ -63,14 +63,17 @@ class TernGrad(Codec):
         if n == 0:
             return Packet(self.name, 0, (flat.new_zeros(1, dtype=torch.float32), packed))
         bound, scale = self._bound_and_scale(flat)
-        safe = torch.where(scale > 0, scale, 1.0)
+        # b ~ Bernoulli(|g|/s) ⟺ u < |g|/s ⟺ lane < |g|·2³²/s − 2³¹ (u = (lane + 2³¹)/2³², one 32-bit lane each)
+        per_unit = 2.0**32 / torch.where(scale > 0, scale, 1.0)
         gen = info.generator(flat.device)
         for lo, hi in slices(n, flat.device):
-            g = flat[lo:hi].to(torch.float32)
-            g = g.clamp(-bound, bound) if bound is not None else g.clone()
-            # b ~ Bernoulli(|g|/s) with the sign of g: the stochastic rounding of g/s ∈ [−1, 1]
-            t = stochastic_round_(g.div_(safe), uniform_lanes(gen, hi - lo, flat.device)).to(torch.int8)
-            pack_into(t.abs().sub_(t >> 7), 2, packed[lo // 4: packed_nbytes(hi, 2)])   # 0, +s → 1, −s → 2
+            g = flat[lo:hi]
+            a = g.abs() if g.dtype == torch.float32 else g.to(torch.float32).abs_()
+            if bound is not None:
+                a.clamp_(max=bound)
+            hit = a.mul_(per_unit).sub_(2.0**31).gt_(uniform_lanes(gen, hi - lo, flat.device)).to(torch.uint8)
+            code = hit.bitwise_left_shift_(torch.signbit(g).view(torch.uint8))        # 0, +s → 1, −s → 2
+            pack_into(code, 2, packed[lo // 4: packed_nbytes(hi, 2)])
         return Packet(self.name, n, (scale.reshape(1), packed))
 
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:

@@ -54,6 +54,11 @@ def test_bench_e2e_replays_one_run_per_configuration_on_each_network(ray_session
     assert set(rows) == {"dense", "qsgd", "ddp-powersgd-hook"} and data["command"].startswith("rayq bench e2e")
     assert "error" not in rows["ddp-powersgd-hook"]  # PyTorch's own PowerSGD hook, bytes counted from its tensors
     assert 32 < rows["dense"]["bits_per_element"] < 33 and rows["qsgd"]["bits_per_element"] < 8
+    params = 64 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10   # digits-wide's MLP
+    assert 4 * params <= rows["dense"]["payload_bytes_per_step"] < 4.04 * params  # fp32 plus headers
+    assert rows["dense"]["wire_bytes_per_step"] >= rows["dense"]["payload_bytes_per_step"]
+    # a gather codec's frames differ in length: the size exchange (and any padding) is on the wire too
+    assert rows["qsgd"]["wire_bytes_per_step"] > rows["qsgd"]["payload_bytes_per_step"] > 0
     for r in (rows["dense"], rows["qsgd"]):
         slow, fast = r["profiles"]["volunteer-100m"], r["profiles"]["datacenter-10g"]
         assert slow["total_sim_s"] > fast["total_sim_s"] > 0  # same steps, slower network

@@ -51,6 +51,7 @@ def test_readme_first_command_trains_digits_with_4_workers_and_qsgd(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.extended  # a minute on 2 cores; the loader and the CNN are covered by tests/test_tasks.py
 @pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_cnn_reaches_080_in_one_epoch_with_4_workers(train_run):

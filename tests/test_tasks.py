@@ -89,3 +89,24 @@ def test_cifar10_reads_torchvisions_pickle_format_from_a_local_directory(tmp_pat
 def test_missing_cifar_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         check_available("cifar10", str(tmp_path))
+
+
+def test_the_fashion_mnist_cnn_learns_in_a_hundred_steps_in_process():
+    """The task's small CNN on the real files, one process (the 4-worker epoch runs with -m extended)."""
+    try:
+        train, test = get_task("fashion-mnist").load(None)
+    except DataError:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    task = get_task("fashion-mnist")
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        idx = torch.randint(0, len(train), (64,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((model(test.x[:2000]).argmax(1) == test.y[:2000]).float().mean())
+    assert acc > 0.65, acc

@@ -213,16 +213,16 @@ def test_asha_stops_weak_trials_then_a_second_sweep_runs_and_nothing_leaks(ray_s
     total = ray.cluster_resources()["CPU"]
     # One good learning rate first, then one that cannot learn, one trial at a time: ASHA (first rung at step 20,
     # keep the top half) must stop the weak one long before its end. Train's reports reach Tune through a
-    # short pipeline, so a stopped trial may log a report or two more before it is gone: hence 200 steps.
+    # short pipeline, so a stopped trial may log a report or two more before it is gone: hence 120 steps.
     space = load_space(write_space(tmp_path, {
-        "base": {"max_steps": 200, "report_every": 10, "eval_every": 10, "compression": {"codec": "fp16"}},
+        "base": {"max_steps": 120, "report_every": 10, "eval_every": 10, "compression": {"codec": "fp16"}},
         "search": {"optimizer": {"lr": {"grid": [0.1, 1.0e-5]}}},
         "tune": {"mode": "asha", "samples": 1, "max_concurrent": 1, "grace_period": 20},
     }, "asha"))
     result = run_sweep(space, tmp_path / "sweeps", name="asha")
     status = {t.number: t.status for t in result.trials}
     assert status == {0: "done", 1: "stopped"}, [(t.number, t.status, t.step) for t in result.trials]
-    assert result.trials[0].step == 200 and result.trials[1].step < 200
+    assert result.trials[0].step == 120 and result.trials[1].step < 120
     assert result.front == [0]
     assert (result.sweep_dir / "pareto.png").is_file() and "accuracy" in result.table
     # Every trial's TensorBoard (rayq's own scalars) lives under the sweep, with hparams — the stopped one too.

@@ -292,6 +292,11 @@ E2E_CONFIGS: dict[str, list[str]] = {
     "laq": ["compression.codec=laq", "sync.schedule=laq", "optimizer.momentum=0", "optimizer.lr=0.2"],
     "local-sgd": ["compression.codec=none", "sync.schedule=periodic", "sync.period=8"],
     "ddp-powersgd-hook": ["trainer=ddp", "ddp.hook=powersgd"],
+    # worker 1 computes 5x slower for the whole run; with a deadline of 2x the median step the group stops
+    # waiting for it at the barrier (its gradient is left out, it rejoins with the current model)
+    "dense+straggler": ["compression.codec=none", "faults.events=[{kind: straggle, worker: 1, factor: 5}]"],
+    "dense+straggler+deadline": ["compression.codec=none", "faults.events=[{kind: straggle, worker: 1, factor: 5}]",
+                                 "faults.deadline=2"],
 }
 E2E_PROFILES = ["volunteer-100m", "cloud-1g", "datacenter-10g"]
 
@@ -311,6 +316,23 @@ def curve(trace_path: Path, profile: str, workers: int, seed: int) -> dict[str, 
         bits[s.step] = cumulative
     points = [(times[k], bits[k], k, acc) for k, acc in sorted(evals.items()) if k in times]
     return {"profile": profile, "points": points, "total_sim_s": times[steps[-1].step] if steps else 0.0}
+
+
+def bytes_per_step(trace_path: Path, workers: int) -> tuple[float, float]:
+    """Mean bytes one worker hands to the transport per step: the codecs' payload (padding excluded) and
+    everything on the wire (payload, padding, size exchanges, skip flags, state resyncs, evaluation)."""
+    from rayq.telemetry import read_trace
+
+    steps, _ = read_trace(trace_path)
+    payload = wire = 0
+    for s in steps:
+        for w in s.wire:   # [kind, rounds, bytes_up, bytes_down, purpose, padding]
+            up = sum(w[2])
+            wire += up
+            if (w[4] if len(w) > 4 else "payload") == "payload":
+                payload += up - (sum(w[5]) if len(w) > 5 and w[5] else 0)
+    n = max(1, len(steps)) * workers
+    return payload / n, wire / n
 
 
 def time_to_target(points: list, target: float) -> tuple[float | None, float | None, int | None]:
@@ -370,6 +392,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"config": name, "sets": E2E_CONFIGS[name], "final_accuracy": summary["eval/accuracy"],
                                "steps": summary["step"], "wall_s": summary["wall_s"],
                                "bits_per_element": summary.get("comm/bits_per_element"), "profiles": {}}
+        row["payload_bytes_per_step"], row["wire_bytes_per_step"] = bytes_per_step(trace, args.workers)
         for profile in profiles:
             c = curve(trace, profile, args.workers, args.seed)
             t, b, k = time_to_target(c["points"], args.target)
@@ -400,22 +423,21 @@ def _fmt_s(t: float | None) -> str:
 
 
 def e2e_markdown(results: list[dict], profiles: list[str], target: float) -> str:
-    head = "| configuration | final acc | bits/elem | wall s |" + "".join(
+    head = "| configuration | final acc | bits/elem | payload B/step | wire B/step | wall s |" + "".join(
         f" {p}: time to {target:.2f} (speed-up) |" for p in profiles)
-    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(profiles)]
+    lines = [head, "|---|---:|---:|---:|---:|---:|" + "---:|" * len(profiles)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | failed | | |" + " |" * len(profiles))
+            lines.append(f"| {r['config']} | failed | | | | |" + " |" * len(profiles))
             continue
         cells = []
         for p in profiles:
             pr = r["profiles"][p]
             sp = pr.get("speedup_vs_dense")
             cells.append(f" {_fmt_s(pr['time_to_target_s'])}" + (f" ({sp:.1f}x)" if sp else "") + " |")
-        bpe = r["bits_per_element"]
-        lines.append(f"| {r['config']} | {r['final_accuracy']:.4f} | {bpe:.2f} | {r['wall_s']:.0f} |" + "".join(cells)
-                     if bpe is not None else f"| {r['config']} | {r['final_accuracy']:.4f} | - | {r['wall_s']:.0f} |" +
-                     "".join(cells))
+        bpe = "-" if r["bits_per_element"] is None else f"{r['bits_per_element']:.2f}"
+        lines.append(f"| {r['config']} | {r['final_accuracy']:.4f} | {bpe} | {r['payload_bytes_per_step']:,.0f} | "
+                     f"{r['wire_bytes_per_step']:,.0f} | {r['wall_s']:.0f} |" + "".join(cells))
     return "\n".join(lines)
 
 
