@@ -428,7 +428,7 @@ def e2e_markdown(results: list[dict], profiles: list[str], target: float) -> str
     lines = [head, "|---|---:|---:|---:|---:|---:|" + "---:|" * len(profiles)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | failed | | | | |" + " |" * len(profiles))
+            lines.append(f"| {r['config']} | failed: {r['error'].split(';')[0]} | | | | |" + " |" * len(profiles))
             continue
         cells = []
         for p in profiles:
