@@ -478,13 +478,12 @@ class WireLike(Protocol):
     bytes_up: Sequence[int]
 
 
-def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
-    """Seconds of communication in one training step: its collectives run one after another.
-
-    A record's ``bytes_down`` (when it has one) is every worker's bytes received; otherwise it is
-    implied: the others' bytes for all-reduce / all-gather, the source's buffer for a broadcast, and for
-    ``two_phase`` (whose traffic is symmetric for equal payloads) the worker's own ``bytes_up``.
-    """
+def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link], call_s: float = 0.0) -> float:
+    """Seconds of communication in one training step: its collectives run one after another, each also costing
+    ``call_s`` (a call's fixed software cost: entering the collective, copies, waking the peers; measured on
+    shaped links, ``rayq bench links``). A record's ``bytes_down`` (when it has one) is every worker's bytes
+    received; otherwise it is implied: the others' bytes for all-reduce / all-gather, the source's buffer for a
+    broadcast, and for ``two_phase`` (symmetric for equal payloads) the worker's own ``bytes_up``."""
     total = 0.0
     for rec in wire:
         up = list(rec.bytes_up)
@@ -497,7 +496,7 @@ def step_comm_seconds(wire: Iterable[WireLike], links: Sequence[Link]) -> float:
                 down = [everyone if b == 0 else 0 for b in up]
             else:
                 down = [everyone - b for b in up]
-        total += transfer_seconds(rec.kind, up, list(down), links, rec.rounds)
+        total += transfer_seconds(rec.kind, up, list(down), links, rec.rounds) + call_s
     return total
 
 
