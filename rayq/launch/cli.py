@@ -11,7 +11,7 @@ from typing import Any
 from rayq import __version__
 
 #: Modules that add their own subcommands: each has ``add_commands(subparsers)``.
-COMMAND_MODULES: list[str] = ["rayq.launch.bench", "rayq.launch.bench_methods", "rayq.launch.bench_schedules", "rayq.launch.bench_overhead", "rayq.launch.jobs", "rayq.launch.leak", "rayq.launch.tune"]
+COMMAND_MODULES: list[str] = ["rayq.launch.bench", "rayq.launch.bench_methods", "rayq.launch.bench_schedules", "rayq.launch.bench_overhead", "rayq.launch.bench_links", "rayq.launch.jobs", "rayq.launch.leak", "rayq.launch.tune"]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
