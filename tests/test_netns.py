@@ -106,6 +106,15 @@ def test_compare_refuses_a_run_without_every_ranks_record(tmp_path):
         compare(tmp_path, [Link(1e8, 1e8)] * 4, "dense", "p", 0.9)
 
 
+def test_the_partition_watcher_sees_evaluations_and_skips_a_half_written_line(tmp_path):
+    from rayq.launch.bench_links import _steps_done
+
+    trace = tmp_path / "trace.jsonl"
+    assert _steps_done(trace) == []
+    trace.write_text('{"step": 9, "wall_s": 0.5}\n{"eval_step": 10, "eval/accuracy": 0.8}\n{"step": 10, "wa')
+    assert _steps_done(trace) == [9, 10]
+
+
 def _comparison(config: str, real: float, reached: bool = True) -> Comparison:
     steps = [StepTimes(s, real / 2, real / 4, real / 4, real / 4, real / 2) for s in (2, 3)]
     return Comparison(config, "p", steps, {3: 0.95 if reached else 0.5}, 0.9)

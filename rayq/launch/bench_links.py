@@ -240,6 +240,8 @@ def replay_runs(runs: list[dict[str, Any]], call_s: float | None) -> tuple[list[
     (``call_s=None``), so the other profiles check it out of sample."""
     from rayq.launch.links_compare import compare, fit_call_seconds
 
+    if not runs:
+        return [], call_s or 0.0
     if call_s is None:
         first = [r for r in runs if r["profile"] == runs[0]["profile"]] if runs else []
         call_s = fit_call_seconds([compare(**r) for r in first])
@@ -256,6 +258,15 @@ def replay_runs(runs: list[dict[str, Any]], call_s: float | None) -> tuple[list[
 
 def _fmt(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.1f} s"
+
+
+def _steps_done(trace: Path) -> list[int]:
+    """The steps a run's trace shows so far, evaluations included (it is flushed at each evaluation, whose
+    line is written as its step ends); a line still being written is left for the next look."""
+    if not trace.exists():
+        return []
+    lines = trace.read_text().split("\n")[:-1]  # the text after the last newline is incomplete
+    return [max(r.get("step", 0), r.get("eval_step", 0)) for r in (json.loads(x) for x in lines if x.strip())]
 
 
 def partition_run(args: argparse.Namespace, cluster: Any, out: Path, timeout_s: float,
@@ -279,8 +290,7 @@ def partition_run(args: argparse.Namespace, cluster: Any, out: Path, timeout_s: 
     def watch() -> None:
         cut = False
         while not stop.is_set():
-            steps = [json.loads(x)["step"] for x in trace.read_text().splitlines() if '"wall_s"' in x] \
-                if trace.exists() else []
+            steps = _steps_done(trace)
             now = time.perf_counter() - started
             if steps and (not timeline or timeline[-1][1] != len(steps)):
                 timeline.append((now, len(steps)))
@@ -386,6 +396,10 @@ def cmd_bench_links(args: argparse.Namespace) -> int:
         sp = speedups(rows, p)
         if sp:
             md += f"\nreal time to target vs dense on {p}: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()) + "\n"
+    for f in faults:
+        md += (f"\npartition ({f['label']}, collective timeout {f['collective_timeout_s']:g} s, max_failures "
+               f"{f['max_failures']}): {f['events']}; {f['outcome']}; restarted at steps {f['restarted_at_steps']}; "
+               f"wall {f['wall_s']:.1f} s, median step {f['median_step_s']:.3f} s, slowest {f['slowest_steps']}\n")
     (out / "links.md").write_text(md)
     if comparisons:
         plot(comparisons, out / "links.png")
