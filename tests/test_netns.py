@@ -128,6 +128,29 @@ def test_speedups_are_dense_time_over_each_and_skip_runs_that_missed_the_target(
     assert "| qsgd | 3 | 4.0 s | 4.0 s | +0% |" in table and "| fp16 | - | not reached |" in table
 
 
+SCRIPT = REPO / "clusters" / "netns-cluster.sh"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to drop to another user")
+def test_the_script_refuses_without_root_before_making_anything(tmp_path):
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SCRIPT), "start"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "RAYQ_NETNS_DIR": str(tmp_path)})
+    assert r.returncode == 1 and "needs root" in r.stderr, r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_script_refuses_without_ip_or_tc(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "id"):  # what the script needs before its checks; no ip, no tc
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    r = subprocess.run([str(bin_dir / "bash"), str(SCRIPT), "start"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": str(bin_dir), "RAYQ_NETNS_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    want = "needs root" if os.geteuid() != 0 else "the 'ip' command (iproute2) is missing"
+    assert want in r.stderr and not (tmp_path / "state").exists()
+
+
 # ------------------------------------------------------------------------------------------ real cluster
 
 
