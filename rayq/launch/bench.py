@@ -467,6 +467,13 @@ def plot_e2e(results: list[dict], profile: str, target: float, path: Path) -> No
     plt.close(fig)
 
 
+def bench_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction | None:
+    """``rayq bench``'s subcommand table, for the modules that add benchmarks to it; None until
+    :func:`add_commands` has made the command (argparse has no public accessor)."""
+    bench = sub.choices.get("bench")
+    return None if bench is None else next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: codec throughput and rate-distortion, end-to-end time")
     bsub = bench.add_subparsers(dest="bench", required=True)

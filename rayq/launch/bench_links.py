@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rayq.launch.bench import bench_commands
+
 #: The e2e benchmark's configurations this benchmark runs (their overrides come from ``E2E_CONFIGS``).
 LINKS_CONFIGS = ["dense", "fp16", "qsgd", "topk+ef", "powersgd", "local-sgd"]
 #: Collective sizes probed (bytes per worker): control messages, then what digits-wide's runs move.
@@ -410,10 +412,9 @@ def cmd_bench_links(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    bench = sub.choices.get("bench")
-    if bench is None:
+    sub_bench = bench_commands(sub)
+    if sub_bench is None:
         return
-    sub_bench = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
     p = sub_bench.add_parser("links", help="real shaped links (network namespaces + tc) against the network model")
     p.add_argument("--profile", default="shaped-100m", help="comma-separated profiles to shape the links from")
     p.add_argument("--workers", type=int, default=4, help="worker nodes, one namespace and one worker each")

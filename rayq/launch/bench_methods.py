@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayq.launch.bench import environment
+from rayq.launch.bench import bench_commands, environment
 from rayq.schema import ConfigError
 
 
@@ -516,14 +516,11 @@ def _shared(p: argparse.ArgumentParser, workers: int, cpus: float, max_steps: bo
     p.add_argument("--out", help="output directory")
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    """``rayq bench``'s subcommand table (rayq.launch.bench owns the command; argparse has no public accessor)."""
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``qadagrad``, ``fewbit`` and ``blaq`` under ``rayq bench`` (created by rayq.launch.bench)."""
-    bsub = _subcommands(sub.choices["bench"])
+    bsub = bench_commands(sub)
+    if bsub is None:
+        return
     p = bsub.add_parser("qadagrad", help="QCMD / QRDA AdaGrad: threshold vs TernGrad vs dense; accuracy, sparsity, bits")
     _shared(p, workers=8, cpus=0.25)
     p.add_argument("--tasks", default=",".join(QADAGRAD_TASKS), help=f"subset of: {', '.join(QADAGRAD_TASKS)}")

@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rayq.launch.bench import bench_commands
+
 #: name -> config overrides (on top of --set and the common settings).
 RUNS: dict[str, list[str]] = {
     "ddp-allreduce": ["trainer=ddp", "ddp.hook=allreduce", "ddp.native_overlap=true", "compression.codec=none"],
@@ -111,10 +113,9 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    bench = sub.choices.get("bench")
-    if bench is None:
+    sub_bench = bench_commands(sub)
+    if sub_bench is None:
         return
-    sub_bench = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
     p = sub_bench.add_parser("overhead", help="median step time of rayq's exchange vs DDP's all-reduce, same workers")
     p.add_argument("--task", default="digits-wide")
     p.add_argument("--workers", type=int, default=4)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from compressors.policy import Policy
 from rayq.collective import CompressedGroup
+from rayq.launch.bench import bench_commands
 from rayq.schedules import Adaptive, Periodic, Replica
 from rayq.tasks import load_digits_split, mlp
 from rayq.transport import run_local
@@ -134,10 +135,9 @@ def cmd_bench_schedules(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    bench = sub.choices.get("bench")
-    if bench is None:
+    sub_bench = bench_commands(sub)
+    if sub_bench is None:
         return
-    sub_bench = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
     p = sub_bench.add_parser("schedules", help="ADPSGD vs CPSGD at equal syncs: several seeds, dense and lossy codecs")
     p.add_argument("--codecs", default="none;qsgd", help="codecs separated by ';' (name or name:key=value,...)")
     p.add_argument("--seeds", type=int, default=5)
