@@ -322,15 +322,16 @@ def bytes_per_step(trace_path: Path, workers: int) -> tuple[float, float]:
     """Mean bytes one worker hands to the transport per step: the codecs' payload (padding excluded) and
     everything on the wire (payload, padding, size exchanges, skip flags, state resyncs, evaluation)."""
     from rayq.telemetry import read_trace
+    from rayq.transport import Purpose, WireRecord
 
     steps, _ = read_trace(trace_path)
     payload = wire = 0
     for s in steps:
-        for w in s.wire:   # [kind, rounds, bytes_up, bytes_down, purpose, padding]
-            up = sum(w[2])
+        for rec in map(WireRecord.from_json, s.wire):
+            up = sum(rec.bytes_up)
             wire += up
-            if (w[4] if len(w) > 4 else "payload") == "payload":
-                payload += up - (sum(w[5]) if len(w) > 5 and w[5] else 0)
+            if rec.purpose == Purpose.PAYLOAD.value:
+                payload += up - sum(rec.pad(w) for w in range(len(rec.bytes_up)))
     n = max(1, len(steps)) * workers
     return payload / n, wire / n
 

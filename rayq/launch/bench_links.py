@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rayq.launch.bench import bench_commands
+from rayq.launch.bench import E2E_CONFIGS, bench_commands, environment
 
 #: The e2e benchmark's configurations this benchmark runs (their overrides come from ``E2E_CONFIGS``).
 LINKS_CONFIGS = ["dense", "fp16", "qsgd", "topk+ef", "powersgd", "local-sgd"]
@@ -218,7 +218,6 @@ def run_profile(args: argparse.Namespace, profile: str, links: list[Any], wire_l
                 out: Path) -> list[dict[str, Any]]:
     """Train every configuration on the cluster as shaped now; what :func:`compare` needs for each run."""
     from rayq.config import load_config
-    from rayq.launch.bench import E2E_CONFIGS
     from rayq.profiles import load_profile
 
     tag = profile.replace("/", "_").replace(".yaml", "")
@@ -328,7 +327,6 @@ def partition_run(args: argparse.Namespace, cluster: Any, out: Path, timeout_s: 
 
 
 def cmd_bench_links(args: argparse.Namespace) -> int:
-    from rayq.launch.bench import E2E_CONFIGS, environment
     from rayq.launch.driver import init_ray
     from rayq.launch.links_compare import collectives_markdown, markdown, plot, speedups
     from rayq.launch.netns import NetnsCluster, unavailable
