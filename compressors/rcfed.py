@@ -1,15 +1,15 @@
 """RC-FED (Hamidi & Bereyhi, ICASSP 2025, arXiv 2409.06319): rate-constrained ECSQ + entropy coding.
 
 Per tensor: ``z = (u − μ)/σ``; ``i_j = bucketize(z_j, t)`` with the ECSQ of N(0,1) designed at a
-rate (:mod:`compressors.ecsq`); the indices are ANS-coded (``constriction``) with the static
-categorical model of the design probabilities, so no code table is sent. The receiver rebuilds the
+rate (:mod:`compressors.ecsq`); the indices are rANS-coded (:mod:`compressors.rans`) with the static
+model of the design probabilities at 16-bit precision, so no code table is sent. The receiver rebuilds the
 same design from its rate and returns ``û_j = μ + σ·q_{i_j}``. Deterministic and biased;
 values beyond the outermost thresholds are clipped to the outermost levels by construction.
 
 Rate matching: ``rate`` constrains the *coded* length of the index stream, in bits per coordinate.
 On N(0,1) data the design at ``rate`` codes to ``rate`` (its entropy). Real gradients are heavier
 tailed, so the encoder measures the coded length ``Σ_i n_i·(−log2 p_i)`` of the actual cell counts
-(plus the coder's ~32-bit flush) and, if it misses ``rate·numel`` by more than 0.5%, moves the
+(plus the coder's 64-bit final states) and, if it misses ``rate·numel`` by more than 0.5%, moves the
 *design* rate until the coded length matches: secant steps on the grid ``rate·k/128``, ``k`` in
 64..256 (half to twice ``rate``, 0.78% apart, so at most 193 designs per rate, each made once per
 process in milliseconds), at most 8 designs per tensor. ``k`` is sent (2 bytes). ``adapt=False``
@@ -19,26 +19,26 @@ Encoder and decoder rebuild the design from ``(rate, k)``; the model probabiliti
 float32 first, so a last-ulp difference in the float64 design maths between two machines almost
 never changes the coder's fixed-point model.
 
-Wire: fields ``(μ σ: fp32[2], design code: int16[1], ANS words: uint8[4·w])``; the symbol count is
+Wire: fields ``(μ σ: fp32[2], design code: int16[1], rANS words: uint8[2·w])``; the symbol count is
 ``packet.numel``. Bucketing and the histogram run on the tensor's device; the indices are moved to
-the CPU for entropy coding (``constriction`` is a CPU library) and the decoded indices back.
+the CPU for entropy coding (a compiled CPU loop) and the decoded indices back.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import ClassVar
 
-import constriction
 import numpy as np
 import torch
 
-from compressors import ecsq
+from compressors import ecsq, rans
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import slices
 from compressors.infotheory import ScalarQuantizer
+from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
 
 MIN_RATE, MAX_RATE = 0.05, 4.0
@@ -47,8 +47,7 @@ GRID = 128
 CODES = (GRID // 2, 2 * GRID)
 _ADAPT_TOL = 0.005       # relative miss of the coded rate that triggers adaptation
 _ADAPT_DESIGNS = 8       # designs tried at most per tensor
-_MIN_MODEL_PROB = 2.0**-24  # constriction's smallest representable probability (24-bit precision)
-_CODER_OVERHEAD = 32     # bits the ANS stream adds to Σ ℓ on average (final state, whole 32-bit words)
+_CODER_OVERHEAD = rans.OVERHEAD_BITS + 8  # bits the stream adds to Σ ℓ on average (final states, whole words)
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,12 +55,18 @@ class _Design:
     """One ECSQ design with its entropy model, ready for coding."""
 
     quantizer: ScalarQuantizer
-    model: object           # constriction.stream.model.Categorical
-    lengths: np.ndarray     # −log2 of the model probabilities
+    freq: np.ndarray        # the coder's integer model (sums to 2**16)
+    lengths: np.ndarray     # code length in bits of each cell under that model
 
     def quantize(self, u: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> float:
-        """Cell indices of ``z = (u − μ)/σ`` into the int32 ``out``, slice by slice; returns their coded
-        length in bits under this design's model."""
+        """Cell indices of ``z = (u − μ)/σ`` into the int32 ``out``; returns their coded length in bits
+        under this design's model. On the CPU one compiled pass (the same float32 ``z``, the same
+        cells as :meth:`ScalarQuantizer.quantize`); elsewhere tensor operations on the device."""
+        if u.device.type == "cpu" and self.quantizer.size > 1:
+            counts = np.zeros(self.quantizer.size, dtype=np.int64)
+            _quantize_count(u.to(torch.float32).contiguous().numpy(), np.float32(mu), np.float32(sigma),
+                            *self._cpu_grid, out.numpy(), counts)
+            return float(counts @ self.lengths)
         counts = torch.zeros(self.quantizer.size, dtype=torch.int64, device=u.device)
         for lo, hi in slices(u.numel(), u.device):
             index = self.quantizer.quantize((u[lo:hi].to(torch.float32) - mu).div_(sigma))
@@ -69,13 +74,68 @@ class _Design:
             counts += torch.bincount(index, minlength=self.quantizer.size)
         return float(counts.cpu().numpy() @ self.lengths)
 
+    @cached_property
+    def _cpu_grid(self) -> tuple[np.ndarray, float, float, np.ndarray, np.ndarray]:
+        t = self.quantizer._tensors(torch.device("cpu"))[0].numpy()
+        lo, per, base, window = self.quantizer._grid(torch.device("cpu"))
+        return t, lo, per, base.numpy(), window.T.contiguous().numpy()
+
+
+#: up to this many thresholds, counting the thresholds below z beats looking up its grid cell
+_LINEAR_THRESHOLDS = 16
+_BLOCK = 2048
+
+
+@compiled
+def _quantize_count(u, mu, sigma, t, lo, per, base, window, out, counts):
+    """``out[i]`` = the number of thresholds ``t`` below ``z = (u[i] − μ)/σ`` (float32, as torch computes
+    it), and ``counts`` += their histogram. Few thresholds: compare a block of ``z`` with each threshold
+    (vectorised; the histogram follows from how many ``z`` exceed each threshold). Many: the grid cell
+    of ``z`` and the thresholds in its window, as :meth:`ScalarQuantizer.quantize` does."""
+    n = u.size
+    if t.size <= _LINEAR_THRESHOLDS:
+        z = np.empty(_BLOCK, np.float32)
+        above = np.zeros(t.size, np.int64)
+        for lo_i in range(0, n, _BLOCK):
+            m = min(n, lo_i + _BLOCK) - lo_i
+            for i in range(m):
+                z[i] = (u[lo_i + i] - mu) / sigma
+            index = out[lo_i:lo_i + m]
+            index[:] = 0
+            for j in range(t.size):
+                tj = t[j]
+                hits = 0
+                for i in range(m):
+                    b = np.int32(z[i] > tj)
+                    index[i] += b
+                    hits += b
+                above[j] += hits
+        below = n
+        for j in range(t.size):
+            counts[j] += below - above[j]
+            below = above[j]
+        counts[t.size] += below
+        return
+    last = np.float64(base.size - 1)
+    for i in range(n):
+        z1 = (u[i] - mu) / sigma
+        k = int(min(max((np.float64(z1) - lo) * per, 0.0), last))
+        index1 = base[k]
+        for w in range(window.shape[1]):
+            index1 += np.int32(z1 > window[k, w])
+        out[i] = index1
+    lanes = np.zeros((4, counts.size), np.int64)   # four histograms: no stall on repeated cells
+    for i in range(n):
+        lanes[i & 3, out[i]] += 1
+    for j in range(4):
+        counts += lanes[j]
+
 
 @lru_cache(maxsize=4096)
 def _design(rate: float, code: int) -> _Design:
     sq = ecsq.design(rate * code / GRID)     # ≥ 3 cells: the lowest design rate is MIN_RATE/2
-    p = np.maximum(sq.probs, _MIN_MODEL_PROB).astype(np.float32).astype(np.float64)
-    p = p / p.sum()
-    return _Design(sq, constriction.stream.model.Categorical(p, perfect=False), -np.log2(p))
+    freq = rans.frequencies(sq.probs.astype(np.float32).astype(np.float64))
+    return _Design(sq, freq, rans.lengths(freq))
 
 
 def _moments(u: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -115,7 +175,7 @@ class RCFed(Codec):
         if not (math.isfinite(mu_f) and math.isfinite(sigma_f)):
             raise ValueError(f"rcfed cannot encode tensor {info.name!r}: it holds non-finite values")
         if constant:  # σ = 0: μ says it all
-            return self._packet(n, stats, GRID, np.zeros(0, dtype=np.uint32))
+            return self._packet(n, stats, GRID, np.zeros(0, dtype=np.uint16))
         code, index = self._choose(u, stats[0], stats[1])
         words = self._code(index, _design(self.rate, code))
         return self._packet(n, stats, code, words)
@@ -153,13 +213,11 @@ class RCFed(Codec):
 
     @staticmethod
     def _code(index: torch.Tensor, design: _Design) -> np.ndarray:
-        coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(index.to(device="cpu", dtype=torch.int32).reshape(-1).numpy(), design.model)
-        return coder.get_compressed()
+        return rans.encode(index.to(device="cpu", dtype=torch.int32).reshape(-1).numpy(), design.freq)
 
     def _packet(self, n: int, stats: torch.Tensor, code: int, words: np.ndarray) -> Packet:
         device = stats.device
-        stream = torch.from_numpy(words.astype("<u4").view(np.uint8).copy()).to(device)
+        stream = torch.from_numpy(words.astype("<u2").view(np.uint8)).to(device)
         design = torch.tensor([code], dtype=torch.int16, device=device)
         return Packet(self.name, n, (stats.to(torch.float32), design, stream))
 
@@ -178,16 +236,13 @@ class RCFed(Codec):
             if float(sigma) != 0.0:
                 raise PacketError(f"rcfed packet for {n} elements with σ={float(sigma)} has an empty stream")
             return mu.expand(n).clone()
-        if stream.numel() % 4:
-            raise PacketError(f"rcfed stream of {stream.numel()} bytes is not a whole number of 32-bit words")
-        words = stream.cpu().numpy().view("<u4").astype(np.uint32)
+        if stream.numel() % 2:
+            raise PacketError(f"rcfed stream of {stream.numel()} bytes is not a whole number of 16-bit words")
+        words = stream.cpu().numpy().view("<u2")
         try:
-            coder = constriction.stream.stack.AnsCoder(words)
-            symbols = coder.decode(design.model, n)
-        except Exception as err:  # constriction reports malformed streams with its own errors
-            raise PacketError(f"rcfed stream cannot be decoded: {err}") from err
-        if not coder.is_empty():
-            raise PacketError(f"rcfed stream holds more data than {n} symbols")
-        index = torch.from_numpy(symbols.view(np.int32)).to(stats.device)
+            symbols = rans.decode(words, design.freq, n)
+        except rans.StreamError as err:
+            raise PacketError(f"rcfed stream of {n} symbols cannot be decoded: {err}") from err
+        index = torch.from_numpy(symbols).to(stats.device)
         values = mu + sigma * design.quantizer.reconstruct(torch.arange(design.quantizer.size, device=stats.device))
         return values.index_select(0, index)      # μ + σ·q_i, the same two roundings per element

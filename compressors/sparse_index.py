@@ -8,7 +8,7 @@ index, within ~0.5 bit of the log2 C(d, k) / k ≈ log2(d/k) + 1.44 bound for a 
 and the worst case holds for *any* set (clustered top-k indices included), unlike γ-coded gaps
 (2·log2(d/k) + 1 bits each on average). When the set is dense a plain bitmap of d bits is cheaper;
 the cheaper layout is picked from (k, d) alone, so the byte size is known before encoding.
-A range coder (``constriction``) would get within ~0.05 bit of the bound, but needs a host round
+An entropy coder (rANS, as RC-FED uses) would get within ~0.05 bit of the bound, but needs a host round
 trip and a model per tensor, to save ≤ 0.6 of the ≈ 40 bits a top-k entry costs with its fp32 value.
 
 Both directions are fixed-shape tensor code on the indices' device: no host synchronisation, no

@@ -152,6 +152,30 @@ def test_float16_input_decodes_to_float32():
     assert float(((out - x.float()) ** 2).mean()) < 0.03
 
 
+@pytest.mark.parametrize("rate", [0.5, 2.0, 4.0])
+def test_compiled_cpu_quantiser_matches_the_tensor_quantiser(rate):
+    """The CPU pass (counting thresholds at ≤ 16 thresholds, the grid cell above) gives exactly the
+    cells and histogram of ScalarQuantizer.quantize, also on values that sit exactly on a threshold."""
+    import numpy as np
+
+    from compressors.rcfed import _LINEAR_THRESHOLDS, _design
+
+    design = _design(rate, GRID)
+    t = torch.from_numpy(design._cpu_grid[0])
+    assert (t.numel() <= _LINEAR_THRESHOLDS) == (rate < 3)        # both branches are exercised
+    ties = torch.cat([t, torch.nextafter(t, torch.tensor(-np.inf)), torch.nextafter(t, torch.tensor(np.inf))])
+    u = torch.cat([torch.randn(100_003, generator=torch.Generator().manual_seed(8)) * 3, ties,
+                   torch.tensor([-1e30, 1e30, 0.0])])
+    for mu, sigma in ((0.0, 1.0), (0.25, 1.7)):
+        mu_t, sigma_t = torch.tensor(mu), torch.tensor(sigma)
+        out = torch.empty(u.numel(), dtype=torch.int32)
+        bits = design.quantize(u, mu_t, sigma_t, out)
+        expected = design.quantizer.quantize((u - mu_t).div_(sigma_t))
+        assert torch.equal(out, expected)
+        counts = torch.bincount(expected, minlength=design.quantizer.size).numpy()
+        assert bits == pytest.approx(float(counts @ design.lengths), rel=1e-12)
+
+
 def test_parameters_are_validated():
     with pytest.raises(CodecError, match="rate"):
         make_codec("rcfed", {"rate": 0.0})
