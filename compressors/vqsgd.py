@@ -30,10 +30,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import bucketize_flat, pack_into, packed_nbytes, slices, uniform_lanes, unpack_codes
+from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +154,13 @@ class VQSGD(Codec):
             u = uniform_lanes(gen, rows.shape[0] * self.reps, flat.device).view(-1, self.reps)
             u = u.to(torch.float32).mul_(2.0**-32).add_(0.5)        # uniform on [0, 1)
             safe = torch.where(norm > 0, norm, 1.0).unsqueeze(1)
-            index = self._sample_cross(rows, safe, u) if self.points == "cross" else self._sample(rows / safe, u)
+            if self.points != "cross":
+                index = self._sample(rows / safe, u)
+            elif rows.device.type == "cpu":
+                index = torch.empty(u.shape, dtype=torch.int64)
+                _sample_cross_rows(rows.numpy(), safe.numpy(), u.numpy(), np.float32(math.sqrt(m)), index.numpy())
+            else:
+                index = self._sample_cross(rows, safe, u)
             pack_into(index, bits, packed[first * bits // 8: packed_nbytes(first + index.numel(), bits)])
             norms.append(norm)
         norms = torch.cat(norms) if norms else flat.new_zeros(0, dtype=torch.float32)
@@ -217,3 +225,50 @@ class VQSGD(Codec):
             return fwht(hits[:, :size] - hits[:, size:])[:, :m]
         centred = hits - self.reps / (m + 1)
         return _householder_out(centred) * math.sqrt(m * (m + 1))
+
+
+#: blocks up to this size find a draw's coordinate by counting, larger ones by binary search
+_LINEAR_SEARCH = 256
+
+
+@compiled
+def _sample_cross_rows(rows, norm, u, root_m, out):
+    """:meth:`VQSGD._sample_cross` as one compiled pass per row, with the same float32 operations in the
+    same order, so it draws exactly the same points: rows ``[B, m]``, norms ``[B, 1]`` (1 where a row is
+    zero), uniforms ``[B, s]``; writes the point indices ``[B, s]``."""
+    m = rows.shape[1]
+    cum = np.empty(m, np.float32)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    width = np.float32(2 * m)
+    for b in range(rows.shape[0]):
+        total = zero
+        for j in range(m):
+            total += abs(rows[b, j])
+            cum[j] = total
+        lean = total / (norm[b, 0] * root_m)
+        gamma = max(one - lean, zero)
+        mass = lean + gamma
+        per = total / (lean if lean > zero else one)
+        spread_scale = width / (gamma if gamma > zero else one)
+        for r in range(u.shape[1]):
+            t = u[b, r] * mass
+            if t < lean:
+                q = t * per
+                if m <= _LINEAR_SEARCH:      # searchsorted(right=True): the entries of cum ≤ q
+                    lo = 0
+                    for j in range(m):       # counted with vector compares
+                        lo += np.int64(cum[j] <= q)
+                else:
+                    lo = 0
+                    size = m
+                    while size > 1:
+                        half = size >> 1
+                        lo = lo + half if cum[lo + half] <= q else lo
+                        size -= half
+                    lo += 1 if cum[lo] <= q else 0
+                c = min(lo, m - 1)
+                out[b, r] = c + m if rows[b, c] < zero else c
+            else:
+                k = np.int64((t - lean) * spread_scale)
+                out[b, r] = min(max(k, 0), 2 * m - 1)

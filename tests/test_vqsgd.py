@@ -191,6 +191,34 @@ def test_same_info_same_packet_other_worker_other_packet():
     assert a != codec.encode(x, _info(640, worker=1)).to_bytes()
 
 
+@pytest.mark.parametrize("block", [3, 64, 1000])
+def test_compiled_cpu_cross_sampler_draws_the_points_of_the_tensor_sampler(block):
+    """The CPU pass (counting at blocks ≤ 256, binary search above) repeats the tensor sampler's float32
+    operations, so from the same uniforms it draws the same points; torch's cumulative sum may add a
+    long row in another order, so a point on a cell's edge may differ there (1 in 10^3 allowed)."""
+    import math
+
+    import numpy as np
+
+    from compressors.bits import uniform_lanes
+    from compressors.vqsgd import VQSGD, _sample_cross_rows
+
+    gen = torch.Generator().manual_seed(block)
+    rows = torch.randn(4000, block, generator=gen)
+    rows[::7] *= 1e-3
+    rows[3] = 0.0                                  # a zero block: only the uniform part
+    rows[5, : block // 2 + 1] = 0.0
+    norm = torch.linalg.vector_norm(rows, dim=1)
+    safe = torch.where(norm > 0, norm, 1.0).unsqueeze(1)
+    u = uniform_lanes(gen, rows.shape[0] * 16, rows.device).view(-1, 16).to(torch.float32).mul_(2.0**-32).add_(0.5)
+    expected = VQSGD(block=block)._sample_cross(rows, safe, u.clone())
+    got = torch.empty(u.shape, dtype=torch.int64)
+    _sample_cross_rows(rows.numpy(), safe.numpy(), u.numpy(), np.float32(math.sqrt(block)), got.numpy())
+    agree = float((got == expected).double().mean())
+    assert agree == 1.0 if block <= 64 else agree >= 0.999
+    assert int(got.min()) >= 0 and int(got.max()) < 2 * block
+
+
 def test_parameters_are_validated():
     with pytest.raises(CodecError, match="choose one of"):
         make_codec("vqsgd", {"points": "octahedron"})
