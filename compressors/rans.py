@@ -56,7 +56,7 @@ def lengths(freq: np.ndarray) -> np.ndarray:
 def encode(symbols: np.ndarray, freq: np.ndarray) -> np.ndarray:
     """Code ``symbols`` (integers in ``0..len(freq)−1``) under ``freq``; returns the uint16 words."""
     symbols = np.ascontiguousarray(symbols)
-    if symbols.dtype not in (np.uint8, np.int32, np.int64):
+    if symbols.dtype not in (np.uint8, np.int16, np.int32, np.int64):
         symbols = symbols.astype(np.int32)
     cum = np.concatenate([[0], np.cumsum(freq[:-1], dtype=np.uint32)]).astype(np.uint32)
     out = np.empty(symbols.size + 4, dtype=np.uint16)
@@ -66,16 +66,21 @@ def encode(symbols: np.ndarray, freq: np.ndarray) -> np.ndarray:
     return out[start:]
 
 
-def decode(words: np.ndarray, freq: np.ndarray, count: int, dtype=np.int32) -> np.ndarray:
+def decode(words: np.ndarray, freq: np.ndarray, count: int, values: np.ndarray | None = None) -> np.ndarray:
     """Read ``count`` symbols from ``words`` (uint16); raises :class:`StreamError` unless the stream
-    is exactly what :func:`encode` writes for some ``count`` symbols under ``freq``."""
+    is exactly what :func:`encode` writes for some ``count`` symbols under ``freq``. Returns the
+    symbols (int32), or ``values[symbol]`` for each when a lookup table ``values`` is given."""
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if words.size < 4:
         raise StreamError(f"a rANS stream holds at least 4 words (its two states); got {words.size}")
     table = np.repeat(np.arange(freq.size, dtype=np.uint8 if freq.size <= 256 else np.uint16), freq)
     cum = np.concatenate([[0], np.cumsum(freq[:-1], dtype=np.uint32)]).astype(np.uint32)
-    out = np.empty(count, dtype=dtype)
-    status = _decode(words, freq.astype(np.uint32), cum, table, out)
+    if values is None:
+        values = np.arange(freq.size, dtype=np.int32)
+    elif values.shape != (freq.size,):
+        raise ValueError(f"a lookup table for {freq.size} symbols has shape {values.shape}")
+    out = np.empty(count, dtype=values.dtype)
+    status = _decode(words, freq.astype(np.uint32), cum, table, values, out)
     if status == 1:
         raise StreamError(f"the stream's {words.size} words end before {count} symbols are read")
     if status == 2:
@@ -139,7 +144,7 @@ def _encode(symbols, freq, cum, out):
 
 
 @compiled
-def _decode(words, freq, cum, table, out):
+def _decode(words, freq, cum, table, values, out):
     m = words.size
     x0 = (np.uint64(words[0]) << np.uint64(16)) | np.uint64(words[1])
     x1 = (np.uint64(words[2]) << np.uint64(16)) | np.uint64(words[3])
@@ -156,8 +161,8 @@ def _decode(words, freq, cum, table, out):
         s1 = table[slot1]
         x0 = np.uint64(freq[s0]) * (x0 >> np.uint64(PRECISION)) + slot0 - np.uint64(cum[s0])
         x1 = np.uint64(freq[s1]) * (x1 >> np.uint64(PRECISION)) + slot1 - np.uint64(cum[s1])
-        out[i] = s0
-        out[i + 1] = s1
+        out[i] = values[s0]
+        out[i + 1] = values[s1]
         if x0 < _LOW:
             if pos >= m:
                 return 1
@@ -173,7 +178,7 @@ def _decode(words, freq, cum, table, out):
         slot0 = x0 & mask
         s0 = table[slot0]
         x0 = np.uint64(freq[s0]) * (x0 >> np.uint64(PRECISION)) + slot0 - np.uint64(cum[s0])
-        out[i] = s0
+        out[i] = values[s0]
         if x0 < _LOW:
             if pos >= m:
                 return 1

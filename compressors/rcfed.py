@@ -185,7 +185,7 @@ class RCFed(Codec):
         budget = self.rate * u.numel()
         target = max(budget - _CODER_OVERHEAD, 0.75 * budget)
         code = GRID
-        index = torch.empty(u.numel(), dtype=torch.int32, device=u.device)
+        index = torch.empty(u.numel(), dtype=self._index_dtype(u.device), device=u.device)
         bits = _design(self.rate, code).quantize(u, mu, sigma, index)
         if not self.adapt:
             return code, index
@@ -211,9 +211,16 @@ class RCFed(Codec):
                 spare, best = best[2], (abs(bits - target), code, spare)
         return best[1], best[2]
 
+    def _index_dtype(self, device: torch.device) -> torch.dtype:
+        """Cell indices on the CPU take the narrowest type every design of this rate fits (less memory to
+        fault in and to read back); on other devices int32, what the tensor quantiser returns."""
+        if device.type != "cpu":
+            return torch.int32
+        return torch.uint8 if _design(self.rate, CODES[1]).quantizer.size <= 256 else torch.int16
+
     @staticmethod
     def _code(index: torch.Tensor, design: _Design) -> np.ndarray:
-        return rans.encode(index.to(device="cpu", dtype=torch.int32).reshape(-1).numpy(), design.freq)
+        return rans.encode(index.cpu().reshape(-1).numpy(), design.freq)
 
     def _packet(self, n: int, stats: torch.Tensor, code: int, words: np.ndarray) -> Packet:
         device = stats.device
@@ -240,9 +247,8 @@ class RCFed(Codec):
             raise PacketError(f"rcfed stream of {stream.numel()} bytes is not a whole number of 16-bit words")
         words = stream.cpu().numpy().view("<u2")
         try:
-            symbols = rans.decode(words, design.freq, n)
+            values = mu.cpu() + sigma.cpu() * design.quantizer.reconstruct(torch.arange(design.quantizer.size))
+            out = rans.decode(words, design.freq, n, values.numpy())   # μ + σ·q_i, looked up as decoded
         except rans.StreamError as err:
             raise PacketError(f"rcfed stream of {n} symbols cannot be decoded: {err}") from err
-        index = torch.from_numpy(symbols).to(stats.device)
-        values = mu + sigma * design.quantizer.reconstruct(torch.arange(design.quantizer.size, device=stats.device))
-        return values.index_select(0, index)      # μ + σ·q_i, the same two roundings per element
+        return torch.from_numpy(out).to(stats.device)

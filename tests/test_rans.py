@@ -89,3 +89,13 @@ def test_truncated_extended_and_corrupted_streams_raise():
         except rans.StreamError:
             caught += 1
     assert caught == 200
+
+
+def test_decode_can_look_up_values_as_it_decodes():
+    freq = rans.frequencies(np.array(SKEWED))
+    sym = _symbols(SKEWED, 1001, seed=4)
+    levels = np.linspace(-3, 3, len(SKEWED)).astype(np.float32)
+    out = rans.decode(rans.encode(sym.astype(np.uint8), freq), freq, sym.size, levels)
+    assert out.dtype == np.float32 and np.array_equal(out, levels[sym])
+    with pytest.raises(ValueError, match="lookup table"):
+        rans.decode(rans.encode(sym, freq), freq, sym.size, levels[:3])
