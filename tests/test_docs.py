@@ -38,3 +38,23 @@ def test_every_codec_row_cites_its_source_or_says_it_is_a_baseline():
         assert not INTERNAL.search(cls.summary), name
         if name not in ("none", "bf16"):
             assert cls.source, f"codec {name!r} does not say where it comes from"
+
+
+def test_pyproject_lists_every_package_folder():
+    """Every folder under rayq/, compressors/ and trainers/ that holds code or shipped data is a package in
+    pyproject.toml (an unlisted one is left out of the wheel, and setuptools warns at every install)."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    mapped = {REPO / path: name for name, path in config.get("package-dir", {}).items()}
+    found = set()
+    for top in ("rayq", "compressors", "trainers"):
+        for folder in [REPO / top, *(REPO / top).rglob("*")]:
+            if not folder.is_dir() or folder.name == "__pycache__":
+                continue
+            if any(f.suffix in (".py", ".json", ".yaml", ".md") for f in folder.iterdir() if f.is_file()):
+                found.add(".".join(folder.relative_to(REPO).parts))
+    assert found - listed == set(), "folders missing from [tool.setuptools] packages"
+    assert all((REPO / p.replace(".", "/")).is_dir() or p in mapped.values() or p == "rayq.resources"
+               for p in listed)
