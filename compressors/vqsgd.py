@@ -20,8 +20,9 @@ Point sets (``m`` = block dimension):
 Wire: fields ``(block norms: fp32[blocks], indices: ⌈log2 N⌉ bits each, s per block, packed)``.
 A last, shorter block is zero-padded to the block size (still unbiased; its variance is that of a
 full block). ``block = 0`` (or ``≥ numel``) treats the whole tensor as one block. Sampling is
-inverse-CDF (float64 cumulative sums) on the tensor's device; the Hadamard transform is a
-vectorised butterfly.
+inverse-CDF on the tensor's device (cross: float32 cumulative sums of |g_b|, on the CPU in one
+compiled pass per block; simplex and Hadamard: float64 cumulative sums of the point probabilities);
+the Hadamard transform is a vectorised butterfly.
 """
 
 from __future__ import annotations
