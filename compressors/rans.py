@@ -1,8 +1,8 @@
 """Static-model rANS entropy coding of small-alphabet symbol streams (Duda, arXiv 1311.2540, 2013;
 interleaving after Giesen, arXiv 1402.3392, 2014).
 
-The model is an integer frequency table summing to ``2**PRECISION``; encoder and decoder must build
-it from the same probabilities with :func:`frequencies`. Two interleaved 32-bit states (symbol ``i``
+The model (:class:`Model`) is an integer frequency table summing to ``2**PRECISION``; encoder and
+decoder must build it from the same probabilities with :meth:`Model.from_probs`. Two interleaved 32-bit states (symbol ``i``
 uses state ``i % 2``) keep the decoder's two dependency chains busy at once. Each state lives in
 ``[2**16, 2**32)`` and is renormalised by whole 16-bit words, at most one per symbol, so a symbol's
 decode is a table lookup, a multiply-add and at most one word read.
@@ -19,7 +19,8 @@ core. Ideal code length of symbol ``s``: ``PRECISION − log2 f_s`` bits, plus
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from compressors.jit import compiled
@@ -48,39 +49,52 @@ def frequencies(probs: np.ndarray) -> np.ndarray:
     return f.astype(np.uint32)
 
 
-def lengths(freq: np.ndarray) -> np.ndarray:
-    """Ideal code length in bits of each symbol under the integer model."""
-    return PRECISION - np.log2(freq.astype(np.float64))
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A static model ready for coding: the frequencies, their running sums and the slot → symbol table."""
+
+    freq: np.ndarray        # uint32, sums to TOTAL
+    cum: np.ndarray         # uint32, the frequencies of the symbols before each
+    table: np.ndarray       # the symbol of each of the TOTAL slots
+    lengths: np.ndarray     # ideal code length in bits of each symbol: PRECISION − log2 f
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray) -> "Model":
+        freq = frequencies(probs)
+        cum = np.concatenate([[0], np.cumsum(freq[:-1])]).astype(np.uint32)
+        table = np.repeat(np.arange(freq.size, dtype=np.uint8 if freq.size <= 256 else np.uint16), freq)
+        return cls(freq, cum, table, PRECISION - np.log2(freq.astype(np.float64)))
+
+    @property
+    def size(self) -> int:
+        return self.freq.size
 
 
-def encode(symbols: np.ndarray, freq: np.ndarray) -> np.ndarray:
-    """Code ``symbols`` (integers in ``0..len(freq)−1``) under ``freq``; returns the uint16 words."""
+def encode(symbols: np.ndarray, model: Model) -> np.ndarray:
+    """Code ``symbols`` (integers in ``0..model.size−1``); returns the uint16 words."""
     symbols = np.ascontiguousarray(symbols)
     if symbols.dtype not in (np.uint8, np.int16, np.int32, np.int64):
         symbols = symbols.astype(np.int32)
-    cum = np.concatenate([[0], np.cumsum(freq[:-1], dtype=np.uint32)]).astype(np.uint32)
     out = np.empty(symbols.size + 4, dtype=np.uint16)
-    start = _encode(symbols, freq.astype(np.uint32), cum, out)
+    start = _encode(symbols, model.freq, model.cum, out)
     if start < 0:
-        raise ValueError(f"symbol {symbols.reshape(-1)[-start - 1]} is outside the model's {freq.size} symbols")
+        raise ValueError(f"symbol {symbols.reshape(-1)[-start - 1]} is outside the model's {model.size} symbols")
     return out[start:]
 
 
-def decode(words: np.ndarray, freq: np.ndarray, count: int, values: np.ndarray | None = None) -> np.ndarray:
+def decode(words: np.ndarray, model: Model, count: int, values: np.ndarray | None = None) -> np.ndarray:
     """Read ``count`` symbols from ``words`` (uint16); raises :class:`StreamError` unless the stream
-    is exactly what :func:`encode` writes for some ``count`` symbols under ``freq``. Returns the
+    is exactly what :func:`encode` writes for some ``count`` symbols under ``model``. Returns the
     symbols (int32), or ``values[symbol]`` for each when a lookup table ``values`` is given."""
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if words.size < 4:
         raise StreamError(f"a rANS stream holds at least 4 words (its two states); got {words.size}")
-    table = np.repeat(np.arange(freq.size, dtype=np.uint8 if freq.size <= 256 else np.uint16), freq)
-    cum = np.concatenate([[0], np.cumsum(freq[:-1], dtype=np.uint32)]).astype(np.uint32)
     if values is None:
-        values = np.arange(freq.size, dtype=np.int32)
-    elif values.shape != (freq.size,):
-        raise ValueError(f"a lookup table for {freq.size} symbols has shape {values.shape}")
+        values = np.arange(model.size, dtype=np.int32)
+    elif values.shape != (model.size,):
+        raise ValueError(f"a lookup table for {model.size} symbols has shape {values.shape}")
     out = np.empty(count, dtype=values.dtype)
-    status = _decode(words, freq.astype(np.uint32), cum, table, values, out)
+    status = _decode(words, model.freq, model.cum, model.table, values, out)
     if status == 1:
         raise StreamError(f"the stream's {words.size} words end before {count} symbols are read")
     if status == 2:
@@ -188,12 +202,3 @@ def _decode(words, freq, cum, table, values, out):
         return 2
     return 0
 
-
-def ideal_bits(counts: np.ndarray, freq: np.ndarray) -> float:
-    """Coded length in bits of a stream with these symbol counts, less the fixed overhead."""
-    return float(np.asarray(counts, dtype=np.float64) @ lengths(freq))
-
-
-def words_for(bits: float) -> int:
-    """16-bit words a stream of ``bits`` ideal bits occupies, final states included (an estimate)."""
-    return math.ceil((bits + OVERHEAD_BITS) / 16)

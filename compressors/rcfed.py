@@ -56,24 +56,23 @@ class _Design:
     """One ECSQ design with its entropy model, ready for coding."""
 
     quantizer: ScalarQuantizer
-    freq: np.ndarray        # the coder's integer model (sums to 2**16)
-    lengths: np.ndarray     # code length in bits of each cell under that model
+    model: rans.Model       # the coder's integer model of the cell probabilities
 
     def quantize(self, u: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> float:
-        """Cell indices of ``z = (u − μ)/σ`` into the int32 ``out``; returns their coded length in bits
+        """Cell indices of ``z = (u − μ)/σ`` into the integer tensor ``out``; returns their coded length in bits
         under this design's model. On the CPU one compiled pass (the same float32 ``z``, the same
         cells as :meth:`ScalarQuantizer.quantize`); elsewhere tensor operations on the device."""
         if u.device.type == "cpu" and self.quantizer.size > 1:
             counts = np.zeros(self.quantizer.size, dtype=np.int64)
             _quantize_count(u.to(torch.float32).contiguous().numpy(), np.float32(mu), np.float32(sigma),
                             *self._cpu_grid, out.numpy(), counts)
-            return float(counts @ self.lengths)
+            return float(counts @ self.model.lengths)
         counts = torch.zeros(self.quantizer.size, dtype=torch.int64, device=u.device)
         for lo, hi in slices(u.numel(), u.device):
             index = self.quantizer.quantize((u[lo:hi].to(torch.float32) - mu).div_(sigma))
             out[lo:hi] = index
             counts += torch.bincount(index, minlength=self.quantizer.size)
-        return float(counts.cpu().numpy() @ self.lengths)
+        return float(counts.cpu().numpy() @ self.model.lengths)
 
     @cached_property
     def _cpu_grid(self) -> tuple[np.ndarray, float, float, np.ndarray, np.ndarray]:
@@ -135,8 +134,7 @@ def _quantize_count(u, mu, sigma, t, lo, per, base, window, out, counts):
 @lru_cache(maxsize=4096)
 def _design(rate: float, code: int) -> _Design:
     sq = ecsq.design(rate * code / GRID)     # ≥ 3 cells: the lowest design rate is MIN_RATE/2
-    freq = rans.frequencies(sq.probs.astype(np.float32).astype(np.float64))
-    return _Design(sq, freq, rans.lengths(freq))
+    return _Design(sq, rans.Model.from_probs(sq.probs.astype(np.float32).astype(np.float64)))
 
 
 def _moments(u: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -221,7 +219,7 @@ class RCFed(Codec):
 
     @staticmethod
     def _code(index: torch.Tensor, design: _Design) -> np.ndarray:
-        return rans.encode(index.cpu().reshape(-1).numpy(), design.freq)
+        return rans.encode(index.cpu().reshape(-1).numpy(), design.model)
 
     def _packet(self, n: int, stats: torch.Tensor, code: int, words: np.ndarray) -> Packet:
         device = stats.device
@@ -249,7 +247,7 @@ class RCFed(Codec):
         words = stream.cpu().numpy().view("<u2")
         try:
             values = mu.cpu() + sigma.cpu() * design.quantizer.reconstruct(torch.arange(design.quantizer.size))
-            out = rans.decode(words, design.freq, n, values.numpy())   # μ + σ·q_i, looked up as decoded
+            out = rans.decode(words, design.model, n, values.numpy())   # μ + σ·q_i, looked up as decoded
         except rans.StreamError as err:
             raise PacketError(f"rcfed stream of {n} symbols cannot be decoded: {err}") from err
         return torch.from_numpy(out).to(stats.device)

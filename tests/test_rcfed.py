@@ -174,7 +174,7 @@ def test_compiled_cpu_quantiser_matches_the_tensor_quantiser(rate):
         expected = design.quantizer.quantize((u - mu_t).div_(sigma_t))
         assert torch.equal(out, expected)
         counts = torch.bincount(expected, minlength=design.quantizer.size).numpy()
-        assert bits == pytest.approx(float(counts @ design.lengths), rel=1e-12)
+        assert bits == pytest.approx(float(counts @ design.model.lengths), rel=1e-12)
 
 
 def test_parameters_are_validated():
