@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 MAGIC = b"RQ"
-VERSION = 1
+#: 2: rcfed codes its indices with rayq's rANS (16-bit words); 1 used constriction's ANS (32-bit words)
+VERSION = 2
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
