@@ -256,7 +256,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
         print(f"rayq bench: unknown codec(s) {unknown}; choose from: {', '.join(REGISTRY)}")
         return 2
     data = args.data.split(",")
-    out = Path(args.out or f"bench_out/codecs-{datetime.now():%Y%m%d-%H%M%S}")
+    out = output_dir(args.out, "codecs")
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -354,7 +354,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         print(f"rayq bench e2e: unknown configuration(s) {unknown}; choose from: {', '.join(E2E_CONFIGS)}")
         return 2
     profiles = args.profiles.split(",")
-    out = Path(args.out or f"bench_out/e2e-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out = output_dir(args.out, "e2e").resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = [f"task={args.task}", f"workers={args.workers}", f"eval_every={args.eval_every}",
               f"report_every={args.eval_every}", "checkpoint_every=0", f"seed={args.seed}"]
@@ -466,6 +466,11 @@ def plot_e2e(results: list[dict], profile: str, target: float, path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def output_dir(out: str | None, stem: str) -> Path:
+    """Where a bench command writes: ``--out`` if given, else ``bench_out/<stem>-<timestamp>``."""
+    return Path(out or f"bench_out/{stem}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def bench_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction | None:

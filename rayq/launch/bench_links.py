@@ -26,11 +26,10 @@ import statistics
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rayq.launch.bench import E2E_CONFIGS, bench_commands, environment
+from rayq.launch.bench import E2E_CONFIGS, bench_commands, environment, output_dir
 
 #: The e2e benchmark's configurations this benchmark runs (their overrides come from ``E2E_CONFIGS``).
 LINKS_CONFIGS = ["dense", "fp16", "qsgd", "topk+ef", "powersgd", "local-sgd"]
@@ -344,7 +343,7 @@ def cmd_bench_links(args: argparse.Namespace) -> int:
         print(f"rayq bench links: cannot shape links here: {why}")
         return 2
     profiles = args.profile.split(",")
-    out = Path(args.out or f"bench_out/links-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out = output_dir(args.out, "links").resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cluster = NetnsCluster(workers=args.workers, profile=profiles[0])

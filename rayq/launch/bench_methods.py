@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayq.launch.bench import bench_commands, environment
+from rayq.launch.bench import bench_commands, environment, output_dir
 from rayq.schema import ConfigError
 
 
@@ -484,7 +484,7 @@ def _list(text: str) -> list[str]:
 
 
 def _out(args: argparse.Namespace, stem: str) -> Path:
-    out = Path(args.out or f"bench_out/{stem}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out = output_dir(args.out, stem).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rayq.launch.bench import bench_commands
+from rayq.launch.bench import bench_commands, output_dir
 
 #: name -> config overrides (on top of --set and the common settings).
 RUNS: dict[str, list[str]] = {
@@ -82,7 +81,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     from rayq.config import load_config
     from rayq.launch.driver import train_many
 
-    out = Path(args.out or f"bench_out/overhead-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out = output_dir(args.out, "overhead").resolve()
     names = args.runs.split(",") if args.runs else list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
