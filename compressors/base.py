@@ -125,6 +125,10 @@ class Codec:
     source: ClassVar[str] = ""
     #: True when the codec already compensates its own error (PowerSGD): EF is not stacked on it.
     builtin_error_feedback: ClassVar[bool] = False
+    #: True when a tensor's packet has the same header (field dtypes and shapes) whatever its values, and
+    #: decoding reads no value back to the host: receivers then check and slice peers' frames with tensor
+    #: operations alone (``compressors.packet.read_frames``). A test holds every such codec to both.
+    fixed_layout: ClassVar[bool] = False
 
     # -- properties of this instance (they may depend on the parameters) ----------------------------
     @property
@@ -176,8 +180,9 @@ class Codec:
         return torch.float32
 
     # -- state (empty for stateless codecs) ------------------------------------------------------------
-    def settle(self, info: TensorInfo, applied: bool) -> None:
-        """After the exchange: whether this worker's last contribution for ``info.name`` was applied.
+    def settle(self, info: TensorInfo, applied: bool | torch.Tensor) -> None:
+        """After the exchange: whether this worker's last contribution for ``info.name`` was applied (a bool,
+        or a 0-dim bool tensor on the device when the exchange decided it there).
 
         Called only for contributions the worker offered (weight > 0). Stateful codecs commit their
         memory here, so a lost or dropped contribution is carried, never silently consumed."""
@@ -212,9 +217,18 @@ class Codec:
         reduced = yield self.encode(x, info)
         return self.decode(reduced, info)
 
-    def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    def aggregate(self, decoded: list[torch.Tensor], weights: list[float] | torch.Tensor) -> torch.Tensor:
         """Combine the decoded contributions of the workers that took part: the weighted mean.
-        Codecs with another server rule (signSGD's majority vote) override this."""
+        Codecs with another server rule (signSGD's majority vote) override this. ``weights`` may be a
+        tensor on the device (a contribution dropped there has weight 0); all zero gives zeros."""
+        if isinstance(weights, torch.Tensor):
+            w = weights.to(device=decoded[0].device, dtype=torch.float32)
+            total = w.sum()
+            w = torch.where(total > 0, w / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            out = decoded[0] * w[0]
+            for i, d in enumerate(decoded[1:], 1):
+                out = out.add(d * w[i])
+            return out
         total = float(sum(weights))
         out = decoded[0] * (weights[0] / total)
         for d, w in zip(decoded[1:], weights[1:]):

@@ -64,6 +64,10 @@ class ErrorFeedback(Codec):
         return self.inner.averages
 
     @property
+    def fixed_layout(self) -> bool:  # type: ignore[override]
+        return self.inner.fixed_layout
+
+    @property
     def stateful(self) -> bool:
         return True
 
@@ -103,12 +107,15 @@ class ErrorFeedback(Codec):
         reduced = yield self.encode(x, info)
         return self.inner.decode(reduced, info)
 
-    def settle(self, info: TensorInfo, applied: bool) -> None:
+    def settle(self, info: TensorInfo, applied: bool | torch.Tensor) -> None:
         staged = self._staged.pop(info.name, None)
         if staged is None:
             return
         u, decoded = staged
-        self.residuals[info.name] = u - decoded if applied else u
+        if isinstance(applied, torch.Tensor):  # decided on the device: no read back
+            self.residuals[info.name] = torch.where(applied.to(u.device), u - decoded, u)
+        else:
+            self.residuals[info.name] = u - decoded if applied else u
 
     # -- state -----------------------------------------------------------------------------------------
     def residual_norm(self) -> float:

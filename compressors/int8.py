@@ -32,6 +32,7 @@ QMAX = 127
 class Int8(Codec):
     name: ClassVar[str] = "int8"
     kind: ClassVar[Kind] = Kind.GATHER
+    fixed_layout: ClassVar[bool] = True
     summary: ClassVar[str] = "blockwise int8, fp32 absmax scale per block (8 + 32/block bits/element)"
     source: ClassVar[str] = "8-bit exchange as in DeDLOC (Diskin et al., NeurIPS 2021); 2-8 bits for mixed precision (Ovi et al., 2022)"
 

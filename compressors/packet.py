@@ -14,11 +14,14 @@ Layout (little endian)::
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
 
 import torch
+
+from compressors import crc
 
 MAGIC = b"RQ"
 #: 2: rcfed codes its indices with rayq's rANS (16-bit words); 1 used constriction's ANS (32-bit words)
@@ -70,12 +73,13 @@ class Packet:
         """Exactly ``len(self.to_bytes())``, without copying the payload off its device."""
         return len(self._header()) + sum(f.numel() * f.element_size() for f in self.fields) + _CRC.size
 
-    def write(self, out: torch.Tensor) -> int:
+    def write(self, out: torch.Tensor, device_crc: bool | None = None) -> int:
         """Write this packet's wire form into the front of the uint8 tensor ``out``; return its length.
 
         The bytes are exactly :meth:`to_bytes`'s, laid out with tensor copies on ``out``'s device (the header
-        is a few host bytes; the fields are copied as raw bytes, not serialized). The CRC-32 is computed
-        over the written bytes (on the host: for a CUDA frame that is the one device-to-host read)."""
+        is a few host bytes; the fields are copied as raw bytes, not serialized). The CRC-32 is computed over
+        the written bytes by zlib on the CPU, and with tensor operations on other devices (``device_crc``
+        forces either way), so a GPU frame is never read back to the host."""
         header = self._header()
         n = len(header)
         out[:n].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
@@ -84,8 +88,11 @@ class Packet:
             if k:
                 out[n:n + k].copy_(f.detach().reshape(-1).contiguous().view(torch.uint8))
             n += k
-        body = out[:n] if out.device.type == "cpu" else out[:n].cpu()
-        out[n:n + _CRC.size].copy_(torch.frombuffer(bytearray(_CRC.pack(zlib.crc32(body.numpy()))), dtype=torch.uint8))
+        if device_crc if device_crc is not None else out.device.type != "cpu":
+            out[n:n + _CRC.size].copy_(crc.to_le_bytes(crc.crc32(out[:n])))
+        else:
+            out[n:n + _CRC.size].copy_(torch.frombuffer(bytearray(_CRC.pack(zlib.crc32(out[:n].numpy()))),
+                                                        dtype=torch.uint8))
         return n + _CRC.size
 
     def to_bytes(self) -> bytes:
@@ -157,17 +164,84 @@ def pack_frame(packets: list[Packet]) -> bytes:
     return b"".join(p.to_bytes() for p in packets)
 
 
-def frame_tensor(packets: list[Packet], device: torch.device | str = "cpu", spare: int = 0) -> torch.Tensor:
+def frame_tensor(packets: list[Packet], device: torch.device | str = "cpu", spare: int = 0,
+                 device_crc: bool | None = None) -> torch.Tensor:
     """:func:`pack_frame` as one contiguous uint8 tensor on ``device`` (byte for byte the same), written in
-    place with one copy of each field; ``spare`` extra zero bytes may follow (a transport's padding)."""
+    place with one copy of each field; ``spare`` extra zero bytes may follow (a transport's padding).
+    ``device_crc`` as in :meth:`Packet.write`."""
     total = sum(p.nbytes for p in packets)
     out = torch.empty(total + spare, dtype=torch.uint8, device=device)
     pos = 0
     for p in packets:
-        pos += p.write(out[pos:])
+        pos += p.write(out[pos:], device_crc)
     if spare:
         out[total:].zero_()
     return out
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where everything sits in a frame of packets whose headers are known in advance.
+
+    A codec with a fixed layout (:attr:`Codec.fixed_layout`) writes the same header (name, element count,
+    field dtypes and shapes) for a tensor on every worker at every step; only field bytes and checksums
+    differ. A receiver can then take its own frame's layout for every peer's frame of the same length,
+    and check and slice peer frames with tensor operations alone (:func:`read_frames`), with no
+    per-byte parse on the host.
+    """
+
+    packets: tuple[tuple[str, int, tuple[tuple[torch.dtype, tuple[int, ...], int], ...]], ...]
+    header_at: tuple[int, ...]   # positions of every header byte in the frame
+    nbytes: int
+    crc: int                     # zlib.crc32 of any intact frame with this layout
+
+    @classmethod
+    def of(cls, packets: list[Packet]) -> FrameLayout:
+        described, header_at, lengths, pos = [], [], [], 0
+        for p in packets:
+            head = len(p._header())
+            header_at.extend(range(pos, pos + head))
+            at, fields = pos + head, []
+            for f in p.fields:
+                fields.append((f.dtype, tuple(f.shape), at))
+                at += f.numel() * f.element_size()
+            described.append((p.codec, p.numel, tuple(fields)))
+            lengths.append(p.nbytes)
+            pos += p.nbytes
+        return cls(tuple(described), tuple(header_at), pos, crc.frame_crc(lengths))
+
+
+_HEADER_INDEX: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+
+def read_frames(frames: torch.Tensor, own: torch.Tensor, layout: FrameLayout) -> tuple[torch.Tensor, list[list[Packet]]]:
+    """Check and slice a stack of frames (``(workers, nbytes)`` uint8) that should all have ``layout``,
+    using only tensor operations on their device: no byte goes to the host, nothing waits for the device.
+
+    A frame is intact when its header bytes equal ``own``'s (this worker's frame with the layout) and its
+    CRC-32 over the whole frame is what intact packets give. Returns ``ok`` (a bool tensor, one per frame)
+    and every frame's packets; a frame that is not intact is replaced by ``own`` before slicing, so decoding
+    it is always safe, and the caller gives it zero weight (``ok``) instead of branching on the host."""
+    if frames.dim() != 2 or frames.shape[1] != layout.nbytes or own.numel() != layout.nbytes:
+        raise PacketError(f"frames of shape {tuple(frames.shape)} and own frame of {own.numel()} bytes do not "
+                          f"match a layout of {layout.nbytes} bytes")
+    key = (layout.header_at, str(frames.device))
+    if key not in _HEADER_INDEX:
+        if len(_HEADER_INDEX) > 64:  # layouts change only when the model or the codec does
+            _HEADER_INDEX.clear()
+        _HEADER_INDEX[key] = torch.tensor(layout.header_at, dtype=torch.int64, device=frames.device)
+    at = _HEADER_INDEX[key]
+    ok = (crc.crc32(frames) == layout.crc) & (frames[:, at] == own[at]).all(dim=1)
+    safe = torch.where(ok.unsqueeze(1), frames, own.unsqueeze(0))
+    per_worker: list[list[Packet]] = [[] for _ in range(frames.shape[0])]
+    for codec, numel, specs in layout.packets:
+        fields = []
+        for dtype, shape, at in specs:
+            k = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            fields.append(safe[:, at:at + k].contiguous().view(dtype).reshape(-1, *shape))
+        for w, packets in enumerate(per_worker):
+            packets.append(Packet(codec, numel, tuple(f[w] for f in fields)))
+    return ok, per_worker
 
 
 def unpack_tensor(frame: torch.Tensor, count: int) -> list[Packet]:

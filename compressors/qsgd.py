@@ -46,6 +46,10 @@ class QSGD(Codec):
     def unbiased(self) -> bool:
         return True
 
+    @property
+    def fixed_layout(self) -> bool:  # type: ignore[override]
+        return self.coding == "fixed"
+
     def __post_init__(self) -> None:
         if not 1 <= self.levels <= 2**15:
             raise ValueError(f"levels={self.levels} must be in 1..32768")

@@ -117,11 +117,14 @@ class Sign(Codec):
         count, signs, zeros = self.check(packet, info, 3)
         return decode_signs(count, signs, zeros, packet.numel, self.name)
 
-    def aggregate(self, decoded: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    def aggregate(self, decoded: list[torch.Tensor], weights: list[float] | torch.Tensor) -> torch.Tensor:
         """Weighted majority vote sgn(Σ_m w_m·sgn(g_m)); a tie (the sum exactly 0) votes 0."""
         total = torch.zeros_like(decoded[0], dtype=torch.float64)
-        for d, w in zip(decoded, weights):
-            total.add_(d.to(torch.float64), alpha=float(w))
+        for i, d in enumerate(decoded):
+            if isinstance(weights, torch.Tensor):  # weights on the device: no read back
+                total.add_(d.to(torch.float64) * weights[i].to(device=d.device, dtype=torch.float64))
+            else:
+                total.add_(d.to(torch.float64), alpha=float(weights[i]))
         return torch.sign(total).to(torch.float32)
 
 

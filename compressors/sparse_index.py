@@ -119,16 +119,26 @@ def _ones_positions(bits: torch.Tensor, count: int) -> torch.Tensor:
     return torch.searchsorted(running, want).clamp_(max=bits.numel() - 1)
 
 
-def top_magnitudes(x: torch.Tensor, k: int) -> torch.Tensor:
+def top_magnitudes(x: torch.Tensor, k: int, sync_free: bool | None = None) -> torch.Tensor:
     """Ascending indices of the ``k`` largest |x_i| of a flat tensor; among equal magnitudes at the cut
     the lowest indices win, so the set is exactly k and deterministic.
 
-    A sort of d elements is avoided: a threshold taken from a strided sample (a little below the sample's
-    own k/d quantile) leaves ≈ 1.1k candidates in one pass; the exact cut is the k-th largest of those.
-    Too few candidates (an unlucky sample) lowers the threshold; the exact fallback is a full selection."""
+    On the CPU a sort of d elements is avoided: a threshold taken from a strided sample (a little below the
+    sample's own k/d quantile) leaves ≈ 1.1k candidates in one pass; the exact cut is the k-th largest of
+    those. Too few candidates (an unlucky sample) lowers the threshold; the exact fallback is a full
+    selection. The candidates' count is read by the host, so on other devices (``sync_free``, the default
+    there) the cut comes from ``topk`` over all d and the k positions from a running count, with shapes
+    known in advance and nothing read back: the same set."""
     d = x.numel()
     if not 0 < k <= d:
-        return torch.empty(0, dtype=torch.int64, device=x.device) if k == 0 else top_magnitudes(x, d)
+        return torch.empty(0, dtype=torch.int64, device=x.device) if k == 0 else top_magnitudes(x, d, sync_free)
+    if sync_free if sync_free is not None else x.device.type != "cpu":
+        magnitude = x.abs()
+        cut = magnitude.topk(k, sorted=False).values.min()                 # the k-th largest
+        above = magnitude > cut
+        tied = magnitude == cut
+        keep = above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
+        return _ones_positions(keep.to(torch.int32), k)
     stride = max(1, d // _SAMPLE)
     sample = x[::stride].abs()
     for margin in (1.1, 1.5, 4.0):

@@ -28,6 +28,7 @@ from compressors.packet import Packet
 class TernGrad(Codec):
     name: ClassVar[str] = "terngrad"
     kind: ClassVar[Kind] = Kind.GATHER
+    fixed_layout: ClassVar[bool] = True
     summary: ClassVar[str] = "stochastic ternary {-s,0,s}, s=max|g| after c·σ clipping, 2 bits/element"
     source: ClassVar[str] = "Wen, Xu, Yan, Wu, Wang, Chen, Li: TernGrad, NeurIPS 2017"
 

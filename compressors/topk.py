@@ -28,6 +28,7 @@ from compressors.sparse_index import check_density, densify, density_count, enco
 class TopK(Codec):
     name: ClassVar[str] = "topk"
     kind: ClassVar[Kind] = Kind.GATHER
+    fixed_layout: ClassVar[bool] = True
     summary: ClassVar[str] = "k largest magnitudes + Elias-Fano indices; use with error feedback"
     source: ClassVar[str] = "Shi, Chu, Cheung, See: TopK-SGD with error compensation, 2019"
 
