@@ -20,6 +20,13 @@ worker calls ``codec.settle(info, applied)`` for the contributions it offered, s
 only when its contribution was actually applied. A gather frame that fails to decode (lost or
 corrupted bytes) is dropped the same way by every worker and listed in ``ledger.dropped``.
 
+Frames on a GPU stay there. Each packet's CRC-32 is computed with tensor operations on the device, and
+when every tensor's codec has a fixed layout (:attr:`Codec.fixed_layout`: int8, qsgd, terngrad, topk,
+with or without error feedback), receivers check and slice the gathered frames on the device too
+(:func:`compressors.read_frames`). A frame that fails the check gets weight 0 in the aggregate and its
+sender's memory is kept, all decided on the device; the host learns which frames were dropped at the
+end of the step (:meth:`Ledger.resolve`), when the training loop reads the loss anyway.
+
 Forbidden pairs (:func:`check_strategy`) raise ``ValueError`` naming codec and strategy. The ledger's
 bytes come from the packets' serialized lengths and from the transport's records of what it moved —
 padding and control traffic included, never a formula.
@@ -29,78 +36,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 import torch
 
-from compressors import (Codec, Kind, Packet, PacketError, TensorInfo, frame_tensor, make_codec, pack_frame, unpack_frame,
-                         unpack_tensor)
+from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorInfo, frame_tensor, make_codec, pack_frame,
+                         read_frames, unpack_frame, unpack_tensor)
 from compressors.policy import Entry, Policy
-from rayq.transport import Purpose, Transport, WireRecord
+from rayq.ledger import Ledger
+from rayq.transport import Purpose, Transport
 
 #: Values of ``compression.strategy``; ``auto`` picks all-reduce for linear codecs, all-gather otherwise.
 STRATEGIES = ("auto", "allreduce", "allgather", "two_phase")
-
-
-@dataclass
-class Ledger:
-    """What one or more collective calls moved, as seen by worker ``rank``.
-
-    ``bytes_up`` / ``bytes_down``: packet bytes this worker sent / decoded from others (the codec's figure:
-    bits per element). ``wire``: every collective with every worker's bytes — payload, padding and
-    control — which is what the network model times; ``wire_up`` etc. are this worker's totals from it.
-    """
-
-    rank: int = 0
-    elements: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    packets: int = 0
-    rounds: int = 0
-    encode_s: float = 0.0
-    comm_s: float = 0.0
-    decode_s: float = 0.0
-    err_sq: float = 0.0
-    ref_sq: float = 0.0
-    packet_bytes: list[int] = field(default_factory=list)
-    wire: list[WireRecord] = field(default_factory=list)
-    dropped: list[tuple[int, str]] = field(default_factory=list)  # (worker, why): frames that failed to decode
-
-    @property
-    def bits_per_element(self) -> float:
-        return 8.0 * self.bytes_up / self.elements if self.elements else 0.0
-
-    @property
-    def compression_ratio(self) -> float:
-        return 32.0 * self.elements / (8.0 * self.bytes_up) if self.bytes_up else 0.0
-
-    @property
-    def distortion(self) -> float | None:
-        """Relative distortion ‖C(g)−g‖²/‖g‖² of this worker's own contribution (when measured)."""
-        return self.err_sq / self.ref_sq if self.ref_sq > 0 else None
-
-    @property
-    def wire_up(self) -> int:
-        return sum(r.up(self.rank) for r in self.wire)
-
-    @property
-    def wire_down(self) -> int:
-        return sum(r.down(self.rank) for r in self.wire)
-
-    @property
-    def padding(self) -> int:
-        return sum(r.pad(self.rank) for r in self.wire)
-
-    def purpose_up(self, purpose: Purpose) -> int:
-        return sum(r.up(self.rank) for r in self.wire if r.purpose == purpose.value)
-
-    def add(self, other: Ledger) -> None:
-        for name in ("elements", "bytes_up", "bytes_down", "packets", "rounds", "encode_s", "comm_s",
-                     "decode_s", "err_sq", "ref_sq"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.packet_bytes.extend(other.packet_bytes)
-        self.wire.extend(other.wire)
-        self.dropped.extend(other.dropped)
 
 
 def _forbidden(name: str, kind: Kind, multi_round: bool, strategy: str) -> str | None:
@@ -159,7 +105,9 @@ class _Clock:
 
 class CompressedGroup:
     def __init__(self, policy: Policy, transport: Transport, seed: int = 0, strategy: str = "auto",
-                 lossy: bool = False) -> None:
+                 lossy: bool = False, device_frames: bool | None = None) -> None:
+        """``device_frames``: check and slice gathered frames with tensor operations (default: when the
+        transport's device is not the CPU, where zlib and a host parse are faster)."""
         for o in policy.overrides:
             check_strategy(o.codec, strategy)
         route(policy.default, strategy)
@@ -169,6 +117,7 @@ class CompressedGroup:
         self.seed = seed
         self.strategy = strategy
         self.lossy = lossy
+        self.device_frames = transport.device.type != "cpu" if device_frames is None else device_frames
         self._plan: list[Entry] | None = None
         self._key: tuple | None = None
         self._routes: dict[str, str] = {}
@@ -360,7 +309,7 @@ class CompressedGroup:
             else:
                 packet = e.codec.encode(flats[e.key], info)
             packets.append(packet)
-        frame = frame_tensor(packets, self.transport.device)
+        frame = frame_tensor(packets, self.transport.device, device_crc=self.device_frames or None)
         t1 = clock.now()
         ledger.encode_s += t1 - t0
         ledger.packets += len(packets)
@@ -372,6 +321,11 @@ class CompressedGroup:
         ledger.comm_s += t2 - t1
         ledger.bytes_down += sum(f.numel() for w, f in enumerate(frames) if w != self.rank)
         device = flats[entries[0].key].device
+        if (self.device_frames and packets and all(e.codec.fixed_layout for e in entries)
+                and all(f.numel() == frame.numel() for f in frames)):
+            results = self._gather_on_device(entries, packets, frame, frames, step, ledger, mean, weights, device)
+            ledger.decode_s += clock.now() - t2
+            return results
         decoded: list[list[torch.Tensor]] = [[] for _ in entries]
         used: list[float] = []
         mine_applied = False
@@ -394,6 +348,33 @@ class CompressedGroup:
             for e in entries:
                 e.codec.settle(self._info(e, step, weights=weights), mine_applied)
         ledger.decode_s += clock.now() - t2
+        return results
+
+    def _gather_on_device(self, entries: list[Entry], packets: list[Packet], frame: torch.Tensor,
+                          frames: list[torch.Tensor], step: int, ledger: Ledger, mean: bool,
+                          weights: list[float] | None, device: torch.device) -> dict[str, torch.Tensor]:
+        """The gather path's decode with nothing read back to the host: every frame has this worker's
+        layout, so all are checked and sliced at once on the device; one that fails gets weight 0."""
+        ok, per_worker = read_frames(torch.stack(frames), frame, FrameLayout.of(packets))
+        ledger.unchecked.append(ok)
+        used = ok.to(torch.float32)
+        if weights is not None:  # every worker offered (a frame of this length), with these weights
+            used = used * torch.tensor(weights, dtype=torch.float32, device=used.device)
+        results = {}
+        for i, e in enumerate(entries):
+            decoded = [e.codec.decode(per_worker[w][i].to(device), self._info(e, step, worker=w, weights=weights))
+                       for w in range(self.world)]
+            if mean:
+                results[e.key] = e.codec.aggregate(decoded, used)
+            elif e.codec.averages:
+                out = decoded[0] * used[0]
+                for w, d in enumerate(decoded[1:], 1):
+                    out += d * used[w]
+                results[e.key] = out
+            else:
+                results[e.key] = e.codec.aggregate(decoded, used) * used.sum()
+        for e in entries:
+            e.codec.settle(self._info(e, step, weights=weights), ok[self.rank])
         return results
 
     # ------------------------------------------------------------------ two-phase re-encoding reduce

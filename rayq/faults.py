@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from rayq.schema import ConfigError
 
@@ -282,15 +283,30 @@ class FaultPlan:
         return out
 
 
+def _flip(seed: int, worker: int, step: int, n: int) -> tuple[int, int]:
+    """The seeded damage to an ``n``-byte frame: which byte, and the non-zero value it is XOR-ed with."""
+    rng = _rng(seed, worker, step, _FLIP)
+    return int(rng.integers(n)), int(rng.integers(1, 256))
+
+
 def corrupt_bytes(data: bytes, seed: int, worker: int, step: int) -> bytes:
     """``data`` with one byte XOR-ed with a non-zero value at a seeded position (CRC-32 always catches it)."""
     if not data:
         return data
-    rng = _rng(seed, worker, step, _FLIP)
-    pos = int(rng.integers(len(data)))
+    pos, value = _flip(seed, worker, step, len(data))
     buf = bytearray(data)
-    buf[pos] ^= int(rng.integers(1, 256))
+    buf[pos] ^= value
     return bytes(buf)
+
+
+def corrupt_frame(frame: torch.Tensor, seed: int, worker: int, step: int) -> torch.Tensor:
+    """:func:`corrupt_bytes` on a uint8 tensor, where it lies (the same byte, the same value)."""
+    if not frame.numel():
+        return frame
+    pos, value = _flip(seed, worker, step, frame.numel())
+    out = frame.clone()
+    out[pos] ^= value
+    return out
 
 
 # ---------------------------------------------------------------------------------------- collective mode
@@ -322,9 +338,10 @@ class StepFaults:
 
 
 def tamper(kind: FaultKind, seed: int, worker: int, step: int):
-    """What the transport does to ``worker``'s outgoing frame of ``step``: send nothing, or flip a byte."""
-    def apply(data: bytes) -> bytes:
-        return b"" if kind is FaultKind.LOSE else corrupt_bytes(data, seed, worker, step)
+    """What the transport does to ``worker``'s outgoing frame of ``step`` (a uint8 tensor, on its device):
+    send nothing, or flip a byte."""
+    def apply(frame: torch.Tensor) -> torch.Tensor:
+        return frame[:0] if kind is FaultKind.LOSE else corrupt_frame(frame, seed, worker, step)
     return apply
 
 

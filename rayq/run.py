@@ -300,6 +300,7 @@ class Run:
         self.skipped += int(not outcome.applied)
         self.bytes_total += ledger.bytes_up
         self.window.loss += float(loss.detach())
+        ledger.resolve()  # the loss read has waited for the device: its frame checks are ready too
         self.window.steps += 1
         self.window.compute_s += compute_s
         self.window.exposed_s += outcome.exposed_s

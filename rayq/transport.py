@@ -85,8 +85,8 @@ class WireRecord:
                    None if padding is None else tuple(padding))
 
 
-#: ``tamper(frame, step) -> frame``: what the fault injector does to this worker's outgoing frame.
-Tamper = Callable[[bytes], bytes]
+#: ``tamper(frame) -> frame``: what the fault injector does to this worker's outgoing frame (on its device).
+Tamper = Callable[[torch.Tensor], torch.Tensor]
 
 GATHER_MODES = ("padded", "direct")
 
@@ -144,9 +144,13 @@ class Transport:
         self.record(WireRecord("allreduce", 1, (nbytes,) * self.world, purpose=Purpose(purpose).value))
         return out
 
-    def _sizes(self, n: int) -> list[int]:
+    def _gather_ints(self, n: int) -> list[int]:
+        """Every worker's ``n`` (8 bytes each), in rank order, as host integers."""
         size = torch.tensor([n], dtype=torch.int64, device=self.device)
-        sizes = [int(s.item()) for s in self._all_gather(size)]
+        return [int(s.item()) for s in self._all_gather(size)]
+
+    def _sizes(self, n: int) -> list[int]:
+        sizes = self._gather_ints(n)
         self.record(WireRecord("allgather", 1, (8,) * self.world, purpose=Purpose.CONTROL.value))
         return sizes
 
@@ -160,7 +164,7 @@ class Transport:
         transport's device: no detour through Python bytes. Padded (default) or direct (see the module)."""
         frame = frame.to(self.device)
         if self.tamper is not None and purpose is Purpose.PAYLOAD:  # armed for the whole step by the fault injector
-            frame = _to_uint8(self.tamper(_to_bytes(frame)), self.device)
+            frame = self.tamper(frame)
         lengths = self._sizes(frame.numel())
         if self.world == 1:
             return [frame]
@@ -217,7 +221,8 @@ class Transport:
 class TorchTransport(Transport):
     """torch.distributed collectives on a process group (the default one unless ``group`` is given)."""
 
-    def __init__(self, device: torch.device | None = None, group: Any = None, gather: str = "padded") -> None:
+    def __init__(self, device: torch.device | None = None, group: Any = None, gather: str = "padded",
+                 host_control: bool | None = None) -> None:
         import torch.distributed as dist
 
         super().__init__(gather)
@@ -229,6 +234,10 @@ class TorchTransport(Transport):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError("the NCCL backend needs a CUDA device for its collectives")
+        #: Frame sizes travel between host memories (a gloo group beside a GPU one, made on first use):
+        #: reading them back from the device would make every exchange wait for it.
+        self.host_control = self.device.type != "cpu" if host_control is None else host_control
+        self._control: Any = None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.device).clone() if t.device != self.device else t.clone()
@@ -240,6 +249,17 @@ class TorchTransport(Transport):
         outs = [torch.empty_like(t) for _ in range(self.world)]
         self.dist.all_gather(outs, t, group=self.group)
         return outs
+
+    def _gather_ints(self, n: int) -> list[int]:
+        if not self.host_control:
+            return super()._gather_ints(n)
+        if self._control is None:  # only this group's members meet here, all at their first exchange
+            ranks = self.dist.get_process_group_ranks(self.group) if self.group is not None \
+                else list(range(self.dist.get_world_size()))
+            self._control = self.dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+        outs = [torch.empty(1, dtype=torch.int64) for _ in range(self.world)]
+        self.dist.all_gather(outs, torch.tensor([n], dtype=torch.int64), group=self._control)
+        return [int(o[0]) for o in outs]
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         send_sizes = [c.numel() for c in chunks]
@@ -301,6 +321,10 @@ class LocalTransport(Transport):
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         self._count("all_gather", t.numel() * t.element_size())
         return [x.clone() for x in self.hub.exchange(self.rank, t.detach().clone())]
+
+    def _gather_ints(self, n: int) -> list[int]:
+        self._count("all_gather", 8)
+        return list(self.hub.exchange(self.rank, int(n)))
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         self._count("all_to_all", sum(c.numel() for j, c in enumerate(chunks) if j != self.rank))

@@ -1,0 +1,82 @@
+"""What collective calls moved, as one worker saw it: packet bytes, wire records, time, dropped frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rayq.transport import Purpose, WireRecord
+
+
+@dataclass
+class Ledger:
+    """What one or more collective calls moved, as seen by worker ``rank``.
+
+    ``bytes_up`` / ``bytes_down``: packet bytes this worker sent / decoded from others (the codec's figure:
+    bits per element). ``wire``: every collective with every worker's bytes — payload, padding and
+    control — which is what the network model times; ``wire_up`` etc. are this worker's totals from it.
+    """
+
+    rank: int = 0
+    elements: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    packets: int = 0
+    rounds: int = 0
+    encode_s: float = 0.0
+    comm_s: float = 0.0
+    decode_s: float = 0.0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    packet_bytes: list[int] = field(default_factory=list)
+    wire: list[WireRecord] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (worker, why): frames that failed to decode
+    unchecked: list[torch.Tensor] = field(default_factory=list)   # per-worker frame checks still on the device
+
+    def resolve(self) -> None:
+        """Move the frame checks made on the device into ``dropped`` (one host read for all of them)."""
+        if not self.unchecked:
+            return
+        checks = torch.stack([ok.reshape(-1) for ok in self.unchecked]).cpu().tolist()
+        self.unchecked = []
+        for ok in checks:
+            self.dropped.extend((w, "corrupted frame: its header or CRC-32 failed the check on the device")
+                                for w, good in enumerate(ok) if not good)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.bytes_up / self.elements if self.elements else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return 32.0 * self.elements / (8.0 * self.bytes_up) if self.bytes_up else 0.0
+
+    @property
+    def distortion(self) -> float | None:
+        """Relative distortion ‖C(g)−g‖²/‖g‖² of this worker's own contribution (when measured)."""
+        return self.err_sq / self.ref_sq if self.ref_sq > 0 else None
+
+    @property
+    def wire_up(self) -> int:
+        return sum(r.up(self.rank) for r in self.wire)
+
+    @property
+    def wire_down(self) -> int:
+        return sum(r.down(self.rank) for r in self.wire)
+
+    @property
+    def padding(self) -> int:
+        return sum(r.pad(self.rank) for r in self.wire)
+
+    def purpose_up(self, purpose: Purpose) -> int:
+        return sum(r.up(self.rank) for r in self.wire if r.purpose == purpose.value)
+
+    def add(self, other: Ledger) -> None:
+        for name in ("elements", "bytes_up", "bytes_down", "packets", "rounds", "encode_s", "comm_s",
+                     "decode_s", "err_sq", "ref_sq"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.packet_bytes.extend(other.packet_bytes)
+        self.wire.extend(other.wire)
+        self.dropped.extend(other.dropped)
+        self.unchecked.extend(other.unchecked)

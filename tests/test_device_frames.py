@@ -1,0 +1,287 @@
+"""Frames that never leave the device: a tensor CRC-32, fixed-layout parsing, and an exchange that reads
+nothing back to the host. On this CPU machine the device paths run on CPU tensors under a guard that fails
+on every host read (tests/host_reads.py); the CUDA runs of the same checks are at the end (skipped here)."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import pytest
+import torch
+
+import compressors
+from compressors import (FrameLayout, Kind, Packet, TensorInfo, frame_tensor, make_codec, pack_frame, read_frames,
+                         unpack_frame)
+from compressors.crc import RESIDUE, combine, crc32, frame_crc
+from compressors.policy import Policy
+from compressors.sparse_index import top_magnitudes
+from rayq.collective import CompressedGroup, Ledger
+from rayq.faults import FaultKind, tamper
+from rayq.transport import run_local
+from tests.host_reads import HostRead, no_host_reads
+
+ALL_CODECS = sorted(compressors.REGISTRY)
+FIXED = [n for n in ALL_CODECS if make_codec(n).fixed_layout]
+#: Parameter sets a fixed-layout claim must hold for (each codec's claim may depend on them).
+VARIANTS = {
+    "int8": [{}, {"bits": 4, "mode": "affine", "block": 100}, {"rounding": "stochastic"}],
+    "qsgd": [{}, {"levels": 3, "bucket": 100}],
+    "terngrad": [{}],
+    "topk": [{}, {"density": 0.3}],
+}
+
+
+# ---------------------------------------------------------------------------------------- CRC-32
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 15, 16, 17, 33, 255, 256, 1000, 4097, 70_001])
+def test_the_tensor_crc_equals_zlib_for_every_length_and_row(n):
+    rows = torch.randint(0, 256, (3, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    want = [zlib.crc32(r.numpy().tobytes()) for r in rows]
+    assert crc32(rows).tolist() == want
+    assert int(crc32(rows[1])) == want[1]
+    assert crc32(rows, chunk_blocks=3).tolist() == want  # the memory bound changes nothing
+
+
+def test_crc_combination_and_the_intact_frame_value():
+    a, b = b"rayq packet one" * 5, b"two" * 11
+    assert combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    packets = [p + zlib.crc32(p).to_bytes(4, "little") for p in (a, b, b"")]
+    assert all(zlib.crc32(p) == RESIDUE for p in packets)
+    assert frame_crc([len(p) for p in packets]) == zlib.crc32(b"".join(packets))
+
+
+def test_the_crc_reads_nothing_back_and_refuses_other_dtypes():
+    rows = torch.randint(0, 256, (2, 300), dtype=torch.uint8)
+    with no_host_reads():
+        out = crc32(rows)
+    assert out.dtype == torch.int64 and out.shape == (2,)
+    with pytest.raises(TypeError, match="uint8"):
+        crc32(rows.to(torch.int32))
+
+
+def test_the_guard_itself_fails_on_host_reads():
+    t = torch.ones(3)
+    for read in (lambda: t.sum().item(), lambda: bool(t.any()), lambda: t.tolist(), lambda: t.nonzero()):
+        with pytest.raises(HostRead), no_host_reads():
+            read()
+    assert t.tolist() == [1.0, 1.0, 1.0]  # restored
+
+
+# ---------------------------------------------------------------------------------------- frames
+
+
+def _packets(name: str, n: int = 3000, seed: int = 0, params: dict | None = None) -> list[Packet]:
+    codec = make_codec(name, params or {})
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, shape in enumerate([(n,), (40, 25), (7,)]):
+        x = torch.randn(shape, generator=g)
+        info = TensorInfo(f"t{i}", shape, worker=0, world=1, step=seed, seed=1)
+        out.append(codec.encode(x.reshape(-1), info))
+    return out
+
+
+@pytest.mark.parametrize("name", ALL_CODECS)
+def test_a_frame_with_the_crc_computed_by_tensor_operations_is_byte_identical_to_to_bytes(name):
+    packets = _packets(name)
+    with no_host_reads():
+        frame = frame_tensor(packets, device_crc=True, spare=5)
+    assert bytes(frame.numpy()[:-5]) == pack_frame(packets)
+    assert not frame[-5:].any()
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_layout_codecs_write_one_header_for_any_values_and_decode_without_host_reads(name):
+    """The claim behind ``Codec.fixed_layout``: receivers may take their own header for every peer's."""
+    n = 2000
+    inputs = [torch.randn(n), torch.zeros(n), torch.full((n,), 3.0), torch.randn(n) * 1e30, torch.randn(n) * 1e-30,
+              torch.randn(n).sign(), torch.arange(n, dtype=torch.float32)]
+    for params in VARIANTS[name]:
+        codec = make_codec(name, params)
+        assert codec.fixed_layout
+        headers = set()
+        for step, x in enumerate(inputs):
+            info = TensorInfo("w", (n,), step=step, seed=3)
+            packet = codec.encode(x, info)
+            headers.add(packet._header())
+            with no_host_reads():
+                out = codec.decode(packet, info)
+            torch.testing.assert_close(out, codec.decode(Packet.from_bytes(packet.to_bytes()), info),
+                                       rtol=0, atol=0, equal_nan=True)  # 1e30 overflows qsgd's norm: NaN
+        assert len(headers) == 1, (name, params)
+
+
+def test_every_gather_codec_says_whether_it_has_a_fixed_layout():
+    assert set(VARIANTS) == set(FIXED)
+    assert make_codec("qsgd", {"coding": "elias"}).fixed_layout is False  # variable-length levels
+    assert make_codec("rcfed").fixed_layout is False                       # an entropy-coded stream
+    assert Policy("topk", error_feedback=True).default.fixed_layout       # error feedback keeps the layout
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_read_frames_slices_every_intact_frame_and_replaces_a_corrupted_one_with_the_own_frame(name):
+    workers = [_packets(name, seed=s) for s in range(4)]
+    frames = torch.stack([frame_tensor(p, device_crc=True) for p in workers])
+    own = frames[0].clone()
+    layout = FrameLayout.of(workers[0])
+    assert layout.nbytes == frames.shape[1] and layout.crc == zlib.crc32(bytes(own.numpy()))
+    bad = frames.clone()
+    positions = [0, layout.header_at[-1], layout.nbytes // 2, layout.nbytes - 1]  # header, fields, checksum
+    for w, pos in zip((1, 2, 3), positions[1:]):
+        bad[w, pos] ^= 0x41
+    bad[0, positions[0]] ^= 0x01
+    with no_host_reads():
+        ok, parsed = read_frames(frames, own, layout)
+        ok_bad, parsed_bad = read_frames(bad, own, layout)
+    assert ok.tolist() == [True] * 4 and ok_bad.tolist() == [False] * 4
+    for w in range(4):
+        for got, want in zip(parsed[w], unpack_frame(bytes(frames[w].numpy()), 3)):
+            assert got.codec == want.codec and got.numel == want.numel
+            assert all(torch.equal(a, b) for a, b in zip(got.fields, want.fields))
+        for got, want in zip(parsed_bad[w], workers[0]):  # what is decoded in its place is always valid
+            assert all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(got.fields, want.fields))
+
+
+@pytest.mark.parametrize("d,k", [(1, 1), (100, 1), (100, 37), (4096, 41), (5000, 4999)])
+def test_topk_selection_off_the_cpu_reads_nothing_back_and_picks_the_same_set(d, k):
+    g = torch.Generator().manual_seed(d + k)
+    for x in (torch.randn(d, generator=g), torch.randn(d, generator=g).round(), torch.zeros(d)):  # ties at the cut
+        with no_host_reads():
+            got = top_magnitudes(x, k, sync_free=True)
+        assert torch.equal(got, top_magnitudes(x, k))
+
+
+# ---------------------------------------------------------------------------------------- the exchange
+
+SHAPES = {"fc1.weight": (64, 32), "fc1.bias": (64,), "fc2.weight": (10, 64)}
+
+
+def _grads(rank: int, step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, weights, guard: bool):
+    """Three steps of an exchange; worker ``damage[0]``'s frame is corrupted at step ``damage[1]``."""
+    group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=1,
+                            device_frames=on_device)
+    out, dropped, residuals, checked = [], [], [], []
+    for step in range(3):
+        transport.tamper = (tamper(FaultKind.CORRUPT, 0, transport.rank, step)
+                            if damage is not None and (transport.rank, step) == damage else None)
+        grads = _grads(transport.rank, step)
+        if guard:
+            with no_host_reads():
+                avg, ledger = group.allreduce_mean(grads, step, weights=weights)
+        else:
+            avg, ledger = group.allreduce_mean(grads, step, weights=weights)
+        checked.append(len(ledger.unchecked))  # frame checks made on the device, read at the step's end
+        ledger.resolve()
+        out.append(avg)
+        dropped.append(sorted(w for w, _ in ledger.dropped))
+        codec_state = group.policy.default
+        residuals.append({k: v.clone() for k, v in getattr(codec_state, "residuals", {}).items()})
+    return out, dropped, residuals, checked
+
+
+@pytest.mark.parametrize("codec,ef", [("int8", False), ("qsgd", False), ("terngrad", False), ("topk", True),
+                                      ("qsgd", True)])
+def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_a_corrupted_frame(codec, ef,
+                                                                                                  monkeypatch):
+    """Worker 2's frame is corrupted at step 1: both paths drop it on every worker, keep its sender's error
+    feedback memory, and give the same averages; the device path does it without one host read, encoding
+    included (topk selects as it does off the CPU)."""
+    monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
+    world, damage = 4, (2, 1)
+    host = run_local(world, _train_exchange, codec, ef, False, damage, None, False)
+    device = run_local(world, _train_exchange, codec, ef, True, damage, None, True)
+    for (h_out, h_drop, h_res, h_checked), (d_out, d_drop, d_res, d_checked) in zip(host, device):
+        assert h_checked == [0, 0, 0] and d_checked == [1, 1, 1]
+        assert h_drop == d_drop == [[], [2], []]
+        for step in range(3):
+            for k in SHAPES:
+                torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
+            assert h_res[step].keys() == d_res[step].keys()
+            for k in h_res[step]:
+                torch.testing.assert_close(d_res[step][k], h_res[step][k], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(device[0][0][s][k], d[0][s][k]) for d in device for s in range(3) for k in SHAPES)
+
+
+def test_the_device_exchange_weights_workers_like_the_host_parse():
+    weights = [1.0, 2.0, 0.5, 1.0]
+    host = run_local(4, _train_exchange, "int8", True, False, None, weights, False)
+    device = run_local(4, _train_exchange, "int8", True, True, None, weights, True)
+    for (h_out, _, _, _), (d_out, _, _, checked) in zip(host, device):
+        assert checked == [1, 1, 1]
+        for step in range(3):
+            for k in SHAPES:
+                torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_worker_that_offers_nothing_or_a_variable_layout_takes_the_host_parse():
+    """An empty frame (weight 0) or a codec without a fixed layout cannot use the own frame's layout:
+    the exchange falls back to the host parse, with the same result."""
+    weights = [1.0, 0.0, 1.0, 1.0]
+    for codec, w in (("int8", weights), ("rcfed", None)):
+        host = run_local(4, _train_exchange, codec, False, False, None, w, False)
+        device = run_local(4, _train_exchange, codec, False, True, None, w, False)
+        for (h_out, _, _, _), (d_out, _, _, checked) in zip(host, device):
+            assert checked == [0, 0, 0]
+            for step in range(3):
+                for k in SHAPES:
+                    assert torch.equal(d_out[step][k], h_out[step][k])
+
+
+def test_the_ledger_reads_device_checks_once_and_merges_them():
+    a, b = Ledger(rank=0), Ledger(rank=0)
+    a.unchecked.append(torch.tensor([True, False, True]))
+    b.unchecked.append(torch.tensor([False, True, True]))
+    a.add(b)
+    a.resolve()
+    assert [w for w, _ in a.dropped] == [1, 0] and a.unchecked == []
+    assert "CRC-32" in a.dropped[0][1]
+
+
+# ---------------------------------------------------------------------------------------- torch.distributed
+
+
+def _sizes_over_host_control(rank: int, world: int) -> list:
+    from rayq.transport import TorchTransport
+
+    t = TorchTransport(host_control=True)
+    frame = torch.full((10 + 7 * rank,), rank, dtype=torch.uint8)
+    frames = t.all_gather_frames(frame)
+    return [f.tolist() for f in frames] + [t._control is not None]
+
+
+def test_frame_sizes_travel_on_a_host_control_group_beside_the_data_group():
+    from tests.distributed import run_workers
+
+    results = run_workers(2, _sizes_over_host_control)
+    for got in results:
+        assert got[:2] == [[0] * 10, [1] * 17] and got[2] is True
+
+
+# ---------------------------------------------------------------------------------------- CUDA (skipped here)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", ALL_CODECS)
+def test_cuda_frames_are_byte_identical_and_fixed_layout_exchanges_never_sync(name):
+    dev = torch.device("cuda")
+    packets = [Packet(p.codec, p.numel, tuple(f.to(dev) for f in p.fields)) for p in _packets(name)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        frame = frame_tensor(packets, dev)
+        if make_codec(name).fixed_layout and make_codec(name).kind is Kind.GATHER:
+            ok, parsed = read_frames(torch.stack([frame, frame]), frame, FrameLayout.of(packets))
+            info = TensorInfo("t0", (3000,), worker=0, world=1, step=0, seed=1)
+            make_codec(name).decode(parsed[1][0], info)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bytes(frame.cpu().numpy()) == pack_frame(packets)
