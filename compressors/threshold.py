@@ -8,6 +8,10 @@ support. Deterministic and biased; error ‖g_{T^c}‖² + Σ_{i∈T}(|g_i| − 
 Wire: fp32 a, |T| (int64), one sign bit per element of T, and T as an index code
 (:mod:`compressors.sparse_index`: Elias–Fano or a d-bit bitmap, whichever is smaller; the choice
 follows from (|T|, d), so both ends know it without a flag).
+
+On the CPU one compiled pass writes the bitmap of T, the packed signs, |T| and Σ_T|g| together, and
+one compiled pass decodes a bitmap-coded packet (the usual case: κ = 0.5 keeps most of a layer); the
+tensor path (other devices, and Elias–Fano supports) gives the same packets and the same tensors.
 """
 
 from __future__ import annotations
@@ -15,12 +19,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import expect_field, pack_bits, packed_nbytes, unpack_bits
+from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
 from compressors.sparse_index import decode_indices, encode_indices, layout
+
+
+@compiled
+def _mark_support(g, t, mask, signs):
+    """Set bit i of ``mask`` where |g_i| > t, and the sign bits (1: negative) of the kept elements, in
+    order, in ``signs`` (both zeroed, LSB first as ``pack_bits``); return |T| and Σ_T |g_i|."""
+    k = 0
+    total = 0.0
+    for i in range(g.shape[0]):
+        v = g[i]
+        a = abs(v)
+        if a > t:
+            mask[i >> 3] |= np.uint8(1 << (i & 7))
+            if v < 0:
+                signs[k >> 3] |= np.uint8(1 << (k & 7))
+            k += 1
+            total += a
+    return k, total
+
+
+@compiled
+def _fill_support(mask, signs, a, k, out):
+    """out_i = ±a on the bitmap's ones, in order of the sign bits; return the ones' count, or -1 as soon
+    as there are more than ``k`` (a corrupted bitmap: its signs would be read past their end)."""
+    j = 0
+    for i in range(out.shape[0]):
+        if (mask[i >> 3] >> (i & 7)) & 1:
+            if j >= k:
+                return -1
+            out[i] = -a if (signs[j >> 3] >> (j & 7)) & 1 else a
+            j += 1
+    return j
 
 
 @register
@@ -50,6 +88,11 @@ class Threshold(Codec):
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         g = x.reshape(-1).to(torch.float32)
+        if g.device.type == "cpu" and g.numel():
+            return self._encode_cpu(g)
+        return self._encode_tensor(g)
+
+    def _encode_tensor(self, g: torch.Tensor) -> Packet:
         mask = self.support(g)
         idx = mask.nonzero().reshape(-1)
         kept = g[idx]
@@ -58,6 +101,20 @@ class Threshold(Codec):
         signs = pack_bits((kept < 0).to(torch.uint8), 1)
         return Packet(self.name, g.numel(), (a, count, signs, encode_indices(idx, g.numel())))
 
+    def _encode_cpu(self, g: torch.Tensor) -> Packet:
+        n = g.numel()
+        mag = g.abs()
+        ref = mag.amax() if self.reference == "max" else mag.mean()
+        t = (ref * self.kappa).reshape(1).numpy()[0]   # the float32 threshold of ``support``
+        mask = np.zeros(packed_nbytes(n, 1), dtype=np.uint8)
+        signs = np.zeros(packed_nbytes(n, 1), dtype=np.uint8)
+        k, total = _mark_support(g.numpy(), t, mask, signs)
+        a = torch.tensor([total / max(1, k)], dtype=torch.float32)
+        bitmap = torch.from_numpy(mask)
+        code = bitmap if k and layout(k, n).bitmap else encode_indices(unpack_bits(bitmap, 1, n).nonzero().reshape(-1), n)
+        return Packet(self.name, n, (a, torch.tensor([k], dtype=torch.int64),
+                                     torch.from_numpy(signs[:packed_nbytes(k, 1)]), code))
+
     def decode(self, packet: Packet, info: TensorInfo) -> torch.Tensor:
         a, count, signs, code = self.check(packet, info, 4)
         n = packet.numel
@@ -65,7 +122,18 @@ class Threshold(Codec):
         k = int(expect_field(count, torch.int64, 1, "threshold support size")[0])
         if not 0 <= k <= n:
             raise PacketError(f"threshold: support size {k} is not in 0..{n}")
-        negative = unpack_bits(expect_field(signs, torch.uint8, packed_nbytes(k, 1), "threshold signs"), 1, k)
-        idx = decode_indices(expect_field(code, torch.uint8, layout(k, n).nbytes, "threshold support"), k, n)
+        signs = expect_field(signs, torch.uint8, packed_nbytes(k, 1), "threshold signs")
+        code = expect_field(code, torch.uint8, layout(k, n).nbytes, "threshold support")
         out = torch.zeros(n, dtype=torch.float32, device=a.device)
+        if a.device.type == "cpu" and layout(k, n).bitmap and k:
+            if _fill_support(code.contiguous().numpy(), signs.contiguous().numpy(), a.numpy()[0], k, out.numpy()) != k:
+                raise PacketError(f"threshold: the support bitmap does not hold {k} elements")
+            return out
+        return self._decode_tensor(a, signs, code, k, out)
+
+    def _decode_tensor(self, a: torch.Tensor, signs: torch.Tensor, code: torch.Tensor, k: int,
+                       out: torch.Tensor) -> torch.Tensor:
+        n = out.numel()
+        negative = unpack_bits(signs, 1, k)
+        idx = decode_indices(code, k, n)
         return out.index_put_((idx,), a * (1.0 - 2.0 * negative.to(torch.float32)))

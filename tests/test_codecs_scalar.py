@@ -396,6 +396,38 @@ def test_int8_decoder_with_another_block_size_refuses_the_packet():
 # Threshold quantiser (QCMD / QRDA AdaGrad, Xu et al., 2022).
 
 
+@pytest.mark.parametrize("kappa,reference", [(0.5, "mean"), (0.3, "max"), (3.0, "mean"), (0.0, "mean")])
+@pytest.mark.parametrize("n", [1, 9, 1000, 70_001])
+def test_threshold_compiled_cpu_pass_gives_the_tensor_paths_packet_and_tensor(kappa, reference, n):
+    """The CPU's one-pass encoder and bitmap decoder against the tensor path other devices run: the same
+    support, signs and index code, the scale within float32 rounding (a float64 sum there), and the same
+    decoded tensor from either decoder. Ties at zero, exact zeros and a bitmap or Elias-Fano support."""
+    codec = make_codec("threshold", {"kappa": kappa, "reference": reference})
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n)).round(decimals=1)
+    g[::7] = 0.0
+    fast, slow = codec._encode_cpu(g), codec._encode_tensor(g)
+    torch.testing.assert_close(fast.fields[0], slow.fields[0], rtol=2e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(fast.fields[1:], slow.fields[1:]))
+    info = TensorInfo("w", (n,))
+    a, count, signs, code = slow.fields
+    k = int(count[0])
+    assert torch.equal(codec.decode(slow, info),
+                       codec._decode_tensor(a, signs, code, k, torch.zeros(n, dtype=torch.float32)))
+
+
+def test_threshold_bitmap_with_a_wrong_number_of_ones_is_refused():
+    codec = make_codec("threshold", {"kappa": 0.5})
+    info = TensorInfo("w", (4000,))
+    packet = codec.encode(torch.randn(4000, generator=torch.Generator().manual_seed(1)), info)
+    a, count, signs, code = packet.fields
+    assert code.numel() == packed_nbytes(4000, 1)  # a bitmap support
+    for flip in (0x01, 0x80):
+        bad = code.clone()
+        bad[0] ^= flip
+        with pytest.raises(PacketError, match="bitmap"):
+            codec.decode(Packet(packet.codec, packet.numel, (a, count, signs, bad)), info)
+
+
 @pytest.mark.parametrize("reference", ["max", "mean"])
 def test_threshold_support_is_above_kappa_times_reference(reference):
     g = gaussian(20_000, seed=6)
