@@ -7,7 +7,9 @@
 O(d) with no sort. The count is *not* exactly k: heavy tails overshoot (Laplace, ρ = 0.01: ≈1.65k
 after 3 loops), so with ``trim`` a final exact top-k cuts a count above 4k/3 back to k.
 The refinement runs as fixed-shape tensor code (an in-range threshold is a fixed point of the
-update), so only the final selection reads a count back to the host. Biased: use error feedback.
+update), so only the final selection reads a count back to the host. On the CPU the refinement's
+counts and the selection are compiled passes over the vector (no |u| temporary; the loop stops at
+the fixed point), with the same float32 comparisons and updates. Biased: use error feedback.
 
 Wire: the selected fp32 values in index order and their Elias–Fano coded indices
 (:mod:`compressors.sparse_index`); the count is the values field's length. Gather kind.
@@ -19,11 +21,48 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from compressors.base import Codec, Kind, TensorInfo, register
+from compressors.jit import compiled
 from compressors.packet import Packet
 from compressors.sparse_index import check_density, densify, density_count, sparse_fields
+
+
+@compiled
+def _refine(u, thr, k, loops):
+    """The refinement loop of :meth:`GaussianK.threshold` over a float32 array (``thr`` float32)."""
+    steps = 0
+    for _ in range(loops):
+        n = 0
+        for i in range(u.shape[0]):
+            if abs(u[i]) > thr:
+                n += 1
+        if n < 2 * k / 3:
+            thr = np.float32(thr * np.float32(0.5))
+        elif n > 4 * k / 3:
+            thr = np.float32(thr * np.float32(1.5))
+        else:
+            break  # a fixed point: every further loop would count the same
+        steps += 1
+    return thr, steps
+
+
+@compiled
+def _above(u, thr):
+    """Ascending indices of |u_i| > thr."""
+    n = 0
+    for i in range(u.shape[0]):
+        if abs(u[i]) > thr:
+            n += 1
+    out = np.empty(n, dtype=np.int64)
+    j = 0
+    for i in range(u.shape[0]):
+        if abs(u[i]) > thr:
+            out[j] = i
+            j += 1
+    return out
 
 
 @register
@@ -48,6 +87,9 @@ class GaussianK(Codec):
         k = density_count(self.density, u.numel())
         std, mean = torch.std_mean(u, correction=0)
         thr = mean + std * NormalDist().inv_cdf(1.0 - self.density / 2.0)
+        if u.device.type == "cpu" and u.is_contiguous():
+            refined, steps = _refine(u.numpy(), thr.numpy()[()], k, self.loops)
+            return torch.tensor(refined, dtype=torch.float32), torch.tensor(steps, dtype=torch.int64)
         mag = u.abs()
         steps = torch.zeros((), dtype=torch.int64, device=u.device)
         for _ in range(self.loops):
@@ -60,11 +102,13 @@ class GaussianK(Codec):
     def select(self, u: torch.Tensor) -> torch.Tensor:
         """Indices (ascending) of the coordinates sent for the flat fp32 vector ``u``."""
         thr, _ = self.threshold(u)
-        mag = u.abs()
-        idx = (mag > thr).nonzero().reshape(-1)
+        if u.device.type == "cpu" and u.is_contiguous():
+            idx = torch.from_numpy(_above(u.numpy(), thr.numpy()[()]))
+        else:
+            idx = (u.abs() > thr).nonzero().reshape(-1)
         k = density_count(self.density, u.numel())
         if self.trim and 3 * idx.numel() > 4 * k:
-            idx = idx[mag[idx].topk(k, sorted=False).indices].sort().values
+            idx = idx[u[idx].abs().topk(k, sorted=False).indices].sort().values
         return idx
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
