@@ -224,7 +224,8 @@ def test_laq_departed_worker_reference_is_removed_from_the_aggregate():
     results = run_local(2, run)
     state = results[0]["state"]
     model = _model()
-    group = CompressedGroup(Policy("laq", min_numel=0), type("T", (), {"rank": 0, "world": 2})())
+    stub = type("T", (), {"rank": 0, "world": 2, "device": torch.device("cpu")})()  # no collective is called
+    group = CompressedGroup(Policy("laq", min_numel=0), stub)
     laq = LAQ(Replica(model, torch.optim.SGD(model.parameters(), lr=0.1)), group)
     laq.state = state
     laq.resync(StepFaults(5, [True, False], [1.0, 0.0], [1.0, 1.0], left=[1]))
