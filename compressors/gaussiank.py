@@ -88,8 +88,14 @@ class GaussianK(Codec):
         std, mean = torch.std_mean(u, correction=0)
         thr = mean + std * NormalDist().inv_cdf(1.0 - self.density / 2.0)
         if u.device.type == "cpu" and u.is_contiguous():
-            refined, steps = _refine(u.numpy(), thr.numpy()[()], k, self.loops)
-            return torch.tensor(refined, dtype=torch.float32), torch.tensor(steps, dtype=torch.int64)
+            return self._refine_compiled(u, thr, k)
+        return self._refine_tensor(u, thr, k)
+
+    def _refine_compiled(self, u: torch.Tensor, thr: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        refined, steps = _refine(u.numpy(), thr.numpy()[()], k, self.loops)
+        return torch.tensor(refined, dtype=torch.float32), torch.tensor(steps, dtype=torch.int64)
+
+    def _refine_tensor(self, u: torch.Tensor, thr: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         mag = u.abs()
         steps = torch.zeros((), dtype=torch.int64, device=u.device)
         for _ in range(self.loops):

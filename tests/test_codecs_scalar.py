@@ -415,6 +415,24 @@ def test_threshold_compiled_cpu_pass_gives_the_tensor_paths_packet_and_tensor(ka
                        codec._decode_tensor(a, signs, code, k, torch.zeros(n, dtype=torch.float32)))
 
 
+@pytest.mark.parametrize("clip", [2.5, 0.0, 0.5])
+@pytest.mark.parametrize("n", [1, 5, 65_537, 200_003])
+def test_terngrad_compiled_cpu_pass_gives_the_tensor_paths_bytes(clip, n):
+    """The CPU's one-pass clip-draw-code-pack against the tensor code other devices run, from the same
+    scale and the same random stream: the same bytes, exact zeros and −0 included."""
+    codec = make_codec("terngrad", {"clip": clip})
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n)).round(decimals=1)
+    g[::5] = -0.0
+    bound, scale = codec._bound_and_scale(g)
+    per_unit = 2.0**32 / torch.where(scale > 0, scale, 1.0)
+    out = []
+    for pack in (codec._pack_compiled, codec._pack_tensor):
+        packed = torch.empty(packed_nbytes(n, 2), dtype=torch.uint8)
+        pack(g, bound, per_unit, TensorInfo("w", (n,), seed=3, step=1).generator(g.device), packed)
+        out.append(packed)
+    assert torch.equal(out[0], out[1])
+
+
 def test_threshold_bitmap_with_a_wrong_number_of_ones_is_refused():
     codec = make_codec("threshold", {"kappa": 0.5})
     info = TensorInfo("w", (4000,))
