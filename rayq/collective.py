@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from typing import Any
 
 import torch
 
@@ -94,13 +95,29 @@ def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:
 
 
 class _Clock:
+    """Times the stages of one exchange (encode, communication, decode) into a ledger.
+
+    On the CPU a mark is the wall clock. On CUDA it is an event recorded on the current stream: waiting
+    for the device at every stage would serialise the host with it, so the spans are read at the end of
+    the step (:meth:`Ledger.resolve`), when the training loop waits for the loss anyway."""
+
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def now(self) -> float:
+    def now(self) -> Any:
         if self.cuda:
-            torch.cuda.synchronize()
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+            return mark
         return time.perf_counter()
+
+    def charge(self, ledger: Ledger, name: str, start: Any, end: Any = None) -> None:
+        """Add the span from ``start`` to ``end`` (default: now) to ``ledger``'s ``name`` seconds."""
+        end = self.now() if end is None else end
+        if self.cuda:
+            ledger.spans.append((name, start, end))
+        else:
+            setattr(ledger, name, getattr(ledger, name) + end - start)
 
 
 class CompressedGroup:
@@ -246,7 +263,7 @@ class CompressedGroup:
             pending[e.key] = next(gens[e.key])
             if measure and not e.codec.multi_round:
                 self._measure(ledger, e.codec.decode(pending[e.key], infos[e.key]), flats[e.key])
-        ledger.encode_s += clock.now() - t0
+        clock.charge(ledger, "encode_s", t0)
         while pending:
             ledger.rounds += 1
             keys = list(pending)
@@ -260,7 +277,7 @@ class CompressedGroup:
             t1 = clock.now()
             reduced = self._sum_fields(sent)
             t2 = clock.now()
-            ledger.comm_s += t2 - t1
+            clock.charge(ledger, "comm_s", t1, t2)
             nxt: dict[str, Packet] = {}
             for k, packet in zip(keys, reduced):
                 ledger.bytes_down += packet.nbytes
@@ -269,7 +286,7 @@ class CompressedGroup:
                 except StopIteration as stop:
                     results[k] = (stop.value / total if total > 0 else stop.value * 0) if mean else stop.value
             pending = nxt
-            ledger.decode_s += clock.now() - t2
+            clock.charge(ledger, "decode_s", t2)
         if w > 0:
             for e in entries:
                 e.codec.settle(infos[e.key], True)
@@ -311,20 +328,20 @@ class CompressedGroup:
             packets.append(packet)
         frame = frame_tensor(packets, self.transport.device, device_crc=self.device_frames or None)
         t1 = clock.now()
-        ledger.encode_s += t1 - t0
+        clock.charge(ledger, "encode_s", t0, t1)
         ledger.packets += len(packets)
         ledger.rounds += 1
         ledger.packet_bytes.extend(p.nbytes for p in packets)
         ledger.bytes_up += frame.numel()
         frames = self.transport.all_gather_frames(frame)
         t2 = clock.now()
-        ledger.comm_s += t2 - t1
+        clock.charge(ledger, "comm_s", t1, t2)
         ledger.bytes_down += sum(f.numel() for w, f in enumerate(frames) if w != self.rank)
         device = flats[entries[0].key].device
         if (self.device_frames and packets and all(e.codec.fixed_layout for e in entries)
                 and all(f.numel() == frame.numel() for f in frames)):
             results = self._gather_on_device(entries, packets, frame, frames, step, ledger, mean, weights, device)
-            ledger.decode_s += clock.now() - t2
+            clock.charge(ledger, "decode_s", t2)
             return results
         decoded: list[list[torch.Tensor]] = [[] for _ in entries]
         used: list[float] = []
@@ -347,7 +364,7 @@ class CompressedGroup:
         if offers:
             for e in entries:
                 e.codec.settle(self._info(e, step, weights=weights), mine_applied)
-        ledger.decode_s += clock.now() - t2
+        clock.charge(ledger, "decode_s", t2)
         return results
 
     def _gather_on_device(self, entries: list[Entry], packets: list[Packet], frame: torch.Tensor,
@@ -457,9 +474,9 @@ class CompressedGroup:
             owner.settle(info, True)
         t5 = clock.now()
 
-        ledger.encode_s += (t1 - t0) + (t3 - t2)
-        ledger.comm_s += (t2 - t1) + (t4 - t3)
-        ledger.decode_s += t5 - t4
+        for name, start, end in (("encode_s", t0, t1), ("comm_s", t1, t2), ("encode_s", t2, t3), ("comm_s", t3, t4),
+                                 ("decode_s", t4, t5)):
+            clock.charge(ledger, name, start, end)
         ledger.rounds += 1
         sent_packets = [p for j, ps in enumerate(outgoing) if j != me for p in ps] + reencoded
         ledger.packets += len(sent_packets)

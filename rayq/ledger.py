@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,9 +34,15 @@ class Ledger:
     wire: list[WireRecord] = field(default_factory=list)
     dropped: list[tuple[int, str]] = field(default_factory=list)  # (worker, why): frames that failed to decode
     unchecked: list[torch.Tensor] = field(default_factory=list)   # per-worker frame checks still on the device
+    spans: list[tuple[str, Any, Any]] = field(default_factory=list)  # (time field, CUDA events) not yet read
 
     def resolve(self) -> None:
-        """Move the frame checks made on the device into ``dropped`` (one host read for all of them)."""
+        """Read what the device still holds: the frame checks (into ``dropped``, one host read for all of
+        them) and the CUDA-event spans of the exchange's stages (into ``encode_s``, ``comm_s``, ``decode_s``)."""
+        for name, start, end in self.spans:
+            end.synchronize()
+            setattr(self, name, getattr(self, name) + start.elapsed_time(end) / 1000.0)
+        self.spans = []
         if not self.unchecked:
             return
         checks = torch.stack([ok.reshape(-1) for ok in self.unchecked]).cpu().tolist()
@@ -80,3 +87,4 @@ class Ledger:
         self.wire.extend(other.wire)
         self.dropped.extend(other.dropped)
         self.unchecked.extend(other.unchecked)
+        self.spans.extend(other.spans)

@@ -16,6 +16,7 @@ from compressors import (FrameLayout, Kind, Packet, TensorInfo, frame_tensor, ma
 from compressors.crc import RESIDUE, combine, crc32, frame_crc
 from compressors.policy import Policy
 from compressors.sparse_index import top_magnitudes
+from compressors.terngrad import TernGrad
 from rayq.collective import CompressedGroup, Ledger
 from rayq.faults import FaultKind, tamper
 from rayq.transport import run_local
@@ -192,8 +193,9 @@ def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_
                                                                                                   monkeypatch):
     """Worker 2's frame is corrupted at step 1: both paths drop it on every worker, keep its sender's error
     feedback memory, and give the same averages; the device path does it without one host read, encoding
-    included (topk selects as it does off the CPU)."""
+    included (topk and terngrad take the paths they take off the CPU: the compiled CPU passes read arrays)."""
     monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
+    monkeypatch.setattr(TernGrad, "_pack_compiled", TernGrad._pack_tensor)
     world, damage = 4, (2, 1)
     host = run_local(world, _train_exchange, codec, ef, False, damage, None, False)
     device = run_local(world, _train_exchange, codec, ef, True, damage, None, True)
@@ -244,6 +246,31 @@ def test_the_ledger_reads_device_checks_once_and_merges_them():
     assert "CRC-32" in a.dropped[0][1]
 
 
+class _Event:
+    """Stands for a CUDA timing event: a device timestamp in milliseconds, readable once synchronised."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.done = ms, False
+
+    def synchronize(self) -> None:
+        self.done = True
+
+    def elapsed_time(self, end: _Event) -> float:
+        assert end.done, "read before the end event was waited for"
+        return end.ms - self.ms
+
+
+def test_stage_spans_recorded_on_the_device_are_read_into_the_times_at_resolve():
+    ledger, other = Ledger(rank=0), Ledger(rank=0)
+    ledger.spans += [("encode_s", _Event(1.0), _Event(3.5)), ("comm_s", _Event(3.5), _Event(10.0))]
+    other.spans.append(("encode_s", _Event(0.0), _Event(0.5)))
+    ledger.add(other)
+    assert ledger.encode_s == 0.0  # nothing is read before the step's end
+    ledger.resolve()
+    assert ledger.encode_s == pytest.approx(0.003) and ledger.comm_s == pytest.approx(0.0065)
+    assert ledger.spans == []
+
+
 # ---------------------------------------------------------------------------------------- torch.distributed
 
 
@@ -285,3 +312,21 @@ def test_cuda_frames_are_byte_identical_and_fixed_layout_exchanges_never_sync(na
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bytes(frame.cpu().numpy()) == pack_frame(packets)
+
+
+@cuda
+def test_cuda_exchange_stages_are_timed_by_events_without_a_synchronize():
+    world = 2
+    hub_results = run_local(world, _cuda_exchange)
+    for spans, encode_s, comm_s in hub_results:
+        assert spans > 0 and encode_s > 0 and comm_s >= 0
+
+
+def _cuda_exchange(transport):
+    transport.device = torch.device("cuda")
+    group = CompressedGroup(Policy("int8", min_numel=0), transport, seed=1)
+    grads = {k: v.cuda() for k, v in _grads(transport.rank, 0).items()}
+    _, ledger = group.allreduce_mean(grads, 0)
+    spans = len(ledger.spans)
+    ledger.resolve()
+    return spans, ledger.encode_s, ledger.comm_s
