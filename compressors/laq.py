@@ -54,7 +54,10 @@ class LAQQuantizer(Codec):
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         v = x.reshape(-1)
         n = v.numel()
-        radius = torch.linalg.vector_norm(v.to(torch.float32), float("inf")) if n else v.new_zeros((), dtype=torch.float32)
+        if n:
+            radius = torch.linalg.vector_norm(v.to(torch.float32), float("inf"))   # max |v|, exact
+        else:
+            radius = v.new_zeros((), dtype=torch.float32)
         if float(radius) == 0.0:
             return Packet(self.name, n, (radius.reshape(1),))
         packed = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=v.device)

@@ -214,7 +214,8 @@ class FrameLayout:
 _HEADER_INDEX: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
 
-def read_frames(frames: torch.Tensor, own: torch.Tensor, layout: FrameLayout) -> tuple[torch.Tensor, list[list[Packet]]]:
+def read_frames(frames: torch.Tensor, own: torch.Tensor,
+                layout: FrameLayout) -> tuple[torch.Tensor, list[list[Packet]]]:
     """Check and slice a stack of frames (``(workers, nbytes)`` uint8) that should all have ``layout``,
     using only tensor operations on their device: no byte goes to the host, nothing waits for the device.
 
@@ -230,8 +231,8 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor, layout: FrameLayout) ->
         if len(_HEADER_INDEX) > 64:  # layouts change only when the model or the codec does
             _HEADER_INDEX.clear()
         _HEADER_INDEX[key] = torch.tensor(layout.header_at, dtype=torch.int64, device=frames.device)
-    at = _HEADER_INDEX[key]
-    ok = (crc.crc32(frames) == layout.crc) & (frames[:, at] == own[at]).all(dim=1)
+    header = _HEADER_INDEX[key]
+    ok = (crc.crc32(frames) == layout.crc) & (frames[:, header] == own[header]).all(dim=1)
     safe = torch.where(ok.unsqueeze(1), frames, own.unsqueeze(0))
     per_worker: list[list[Packet]] = [[] for _ in range(frames.shape[0])]
     for codec, numel, specs in layout.packets:
