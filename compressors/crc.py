@@ -18,6 +18,7 @@ result is an int64 tensor on the data's device, equal to ``zlib.crc32`` (tested 
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -63,6 +64,7 @@ def _power(j: int) -> np.ndarray:
     return _POWERS[j]
 
 
+@functools.lru_cache(maxsize=4096)
 def shift(value: int, nbytes: int) -> int:
     """Z^nbytes(value): a register advanced over ``nbytes`` zero bytes (host arithmetic)."""
     v = np.array([value], dtype=np.uint64)
@@ -80,8 +82,10 @@ def combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return shift(crc_a, len_b) ^ crc_b
 
 
-def frame_crc(lengths: list[int]) -> int:
-    """``zlib.crc32`` of intact packets of these lengths laid end to end (each checks to RESIDUE)."""
+@functools.lru_cache(maxsize=256)
+def frame_crc(lengths: tuple[int, ...]) -> int:
+    """``zlib.crc32`` of intact packets of these lengths laid end to end (each checks to RESIDUE). Cached:
+    a frame's packet lengths repeat from step to step."""
     crc = zlib.crc32(b"")
     for n in lengths:
         crc = combine(crc, RESIDUE, n)

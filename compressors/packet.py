@@ -208,7 +208,7 @@ class FrameLayout:
             described.append((p.codec, p.numel, tuple(fields)))
             lengths.append(p.nbytes)
             pos += p.nbytes
-        return cls(tuple(described), tuple(header_at), pos, crc.frame_crc(lengths))
+        return cls(tuple(described), tuple(header_at), pos, crc.frame_crc(tuple(lengths)))
 
 
 _HEADER_INDEX: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
