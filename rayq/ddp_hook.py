@@ -52,7 +52,9 @@ class RayqHookState:
             return None
         device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
-        return TorchTransport(device, group=process_group)
+        # frame sizes stay on the data group: a second (gloo) group made lazily inside a DDP comm hook is
+        # a collective call from the autograd engine, which no GPU run has tried yet
+        return TorchTransport(device, group=process_group, host_control=False)
 
     def take_ledger(self) -> Ledger:
         """What the hook moved since the last call; resets the running ledger."""
