@@ -105,6 +105,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         else:
             loss.backward()
             ledger = rayq_hook_state.take_ledger()  # type: ignore[union-attr]
+        ledger.resolve()  # its CUDA-timed stages are needed now
         # Compute time without the hook's work (encode, communicate, decode), as in the sync trainer.
         compute_s = time.perf_counter() - t0 - ledger.encode_s - ledger.comm_s - ledger.decode_s
         grads = run.replica.grads()
