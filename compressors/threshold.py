@@ -78,13 +78,16 @@ class Threshold(Codec):
         if self.kappa < 0:
             raise ValueError(f"kappa={self.kappa} must be >= 0")
 
+    def cut(self, mag: torch.Tensor) -> torch.Tensor:
+        """κ·r for the magnitudes |g| of a non-empty flat fp32 tensor (a float32 0-d tensor)."""
+        return self.kappa * (mag.amax() if self.reference == "max" else mag.mean())
+
     def support(self, g: torch.Tensor) -> torch.Tensor:
         """The boolean mask of T for a flat fp32 tensor."""
         mag = g.abs()
         if not g.numel():
             return mag > 0
-        ref = mag.amax() if self.reference == "max" else mag.mean()
-        return mag > self.kappa * ref
+        return mag > self.cut(mag)
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         g = x.reshape(-1).to(torch.float32)
@@ -103,9 +106,7 @@ class Threshold(Codec):
 
     def _encode_cpu(self, g: torch.Tensor) -> Packet:
         n = g.numel()
-        mag = g.abs()
-        ref = mag.amax() if self.reference == "max" else mag.mean()
-        t = (ref * self.kappa).reshape(1).numpy()[0]   # the float32 threshold of ``support``
+        t = self.cut(g.abs()).numpy()[()]   # the float32 threshold of ``support``
         mask = np.zeros(packed_nbytes(n, 1), dtype=np.uint8)
         signs = np.zeros(packed_nbytes(n, 1), dtype=np.uint8)
         k, total = _mark_support(g.numpy(), t, mask, signs)
