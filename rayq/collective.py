@@ -231,16 +231,21 @@ class CompressedGroup:
                 offset += n
         return out, ledger
 
-    def _combine(self, codec: Codec, decoded: list[torch.Tensor], mean: bool, weights: list[float]) -> torch.Tensor:
+    def _combine(self, codec: Codec, decoded: list[torch.Tensor], mean: bool,
+                 weights: list[float] | torch.Tensor) -> torch.Tensor:
         """The codec's aggregate (weighted mean, or its own server rule) of the decoded contributions that
-        were used; for a sum, the plain sum when the codec keeps the default mean rule."""
+        were used; for a sum, the plain sum when the codec keeps the default mean rule. ``weights`` on the
+        device (every worker's contribution, 0 for a frame dropped there) also mask a sum."""
         if mean:
             return codec.aggregate(decoded, weights)
+        on_device = isinstance(weights, torch.Tensor)
         if codec.averages:
-            out = decoded[0].clone()
-            for d in decoded[1:]:
-                out += d
+            out = decoded[0] * weights[0] if on_device else decoded[0].clone()
+            for i, d in enumerate(decoded[1:], 1):
+                out += d * weights[i] if on_device else d
             return out
+        if on_device:
+            return codec.aggregate(decoded, weights) * weights.sum()
         return codec.aggregate(decoded, [1.0] * len(decoded)) * len(decoded)
 
     def _measure(self, ledger: Ledger, own: torch.Tensor, x: torch.Tensor) -> None:
@@ -381,15 +386,7 @@ class CompressedGroup:
         for i, e in enumerate(entries):
             decoded = [e.codec.decode(per_worker[w][i].to(device), self._info(e, step, worker=w, weights=weights))
                        for w in range(self.world)]
-            if mean:
-                results[e.key] = e.codec.aggregate(decoded, used)
-            elif e.codec.averages:
-                out = decoded[0] * used[0]
-                for w, d in enumerate(decoded[1:], 1):
-                    out += d * used[w]
-                results[e.key] = out
-            else:
-                results[e.key] = e.codec.aggregate(decoded, used) * used.sum()
+            results[e.key] = self._combine(e.codec, decoded, mean, used)
         for e in entries:
             e.codec.settle(self._info(e, step, weights=weights), ok[self.rank])
         return results

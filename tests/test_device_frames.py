@@ -211,6 +211,22 @@ def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_
     assert all(torch.equal(device[0][0][s][k], d[0][s][k]) for d in device for s in range(3) for k in SHAPES)
 
 
+def _sum_exchange(transport, on_device: bool):
+    transport.tamper = tamper(FaultKind.CORRUPT, 0, 1, 0) if transport.rank == 1 else None
+    group = CompressedGroup(Policy("int8", min_numel=0), transport, seed=1, device_frames=on_device)
+    total, ledger = group.allreduce_sum(_grads(transport.rank, 0), 0)
+    ledger.resolve()
+    return total, sorted(w for w, _ in ledger.dropped)
+
+
+def test_the_device_exchange_sums_like_the_host_parse_without_the_dropped_frame():
+    host, device = run_local(4, _sum_exchange, False), run_local(4, _sum_exchange, True)
+    for (h_sum, h_drop), (d_sum, d_drop) in zip(host, device):
+        assert h_drop == d_drop == [1]
+        for k in SHAPES:
+            torch.testing.assert_close(d_sum[k], h_sum[k], rtol=1e-6, atol=1e-6)
+
+
 def test_the_device_exchange_weights_workers_like_the_host_parse():
     weights = [1.0, 2.0, 0.5, 1.0]
     host = run_local(4, _train_exchange, "int8", True, False, None, weights, False)
