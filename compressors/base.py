@@ -127,7 +127,9 @@ class Codec:
     builtin_error_feedback: ClassVar[bool] = False
     #: True when a tensor's packet has the same header (field dtypes and shapes) whatever its values, and
     #: decoding reads no value back to the host: receivers then check and slice peers' frames with tensor
-    #: operations alone (``compressors.packet.read_frames``). A test holds every such codec to both.
+    #: operations alone at every step (``compressors.packet.read_frames``; other codecs in the steps whose
+    #: layouts happen to agree, which ``compressors.packet.layout_tag`` tells). A test holds every such
+    #: codec to both.
     fixed_layout: ClassVar[bool] = False
 
     # -- properties of this instance (they may depend on the parameters) ----------------------------

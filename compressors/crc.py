@@ -24,6 +24,8 @@ import zlib
 import numpy as np
 import torch
 
+from compressors.staging import to_device
+
 #: Bytes per first-level block.
 BLOCK = 16
 _POLY = 0xEDB88320
@@ -103,7 +105,7 @@ def _block_table(device: torch.device) -> torch.Tensor:
         for _ in range(BLOCK - 1):
             rows.append(_zero_byte(rows[-1]))
         table = np.stack(rows[::-1]).astype(np.int64).reshape(-1)
-        _DEVICE_TABLES[key] = torch.from_numpy(table).to(device)
+        _DEVICE_TABLES[key] = to_device(torch.from_numpy(table), torch.int64, device)
     return _DEVICE_TABLES[key]
 
 
@@ -113,7 +115,8 @@ def _shift_table(level: int, device: torch.device) -> torch.Tensor:
     if key not in _DEVICE_TABLES:
         cols = _power(level + BLOCK.bit_length() - 1)
         values = np.arange(256, dtype=np.uint64)[None, :] << (np.uint64(8) * np.arange(4, dtype=np.uint64)[:, None])
-        _DEVICE_TABLES[key] = torch.from_numpy(_apply(cols, values).astype(np.int64).reshape(-1)).to(device)
+        _DEVICE_TABLES[key] = to_device(torch.from_numpy(_apply(cols, values).astype(np.int64).reshape(-1)),
+                                        torch.int64, device)
     return _DEVICE_TABLES[key]
 
 
@@ -164,5 +167,5 @@ def to_le_bytes(crc: torch.Tensor) -> torch.Tensor:
     """An int64 checksum tensor (``(...)``) as its 4 little-endian bytes (``(..., 4)`` uint8), on device."""
     key = (str(crc.device), -3)
     if key not in _DEVICE_TABLES:
-        _DEVICE_TABLES[key] = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=crc.device)
+        _DEVICE_TABLES[key] = to_device([0, 8, 16, 24], torch.int64, crc.device)
     return ((crc.unsqueeze(-1) >> _DEVICE_TABLES[key]) & 0xFF).to(torch.uint8)

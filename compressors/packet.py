@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from compressors import crc
+from compressors.staging import to_device
 
 MAGIC = b"RQ"
 #: 2: rcfed codes its indices with rayq's rANS (16-bit words); 1 used constriction's ANS (32-bit words)
@@ -73,16 +74,18 @@ class Packet:
         """Exactly ``len(self.to_bytes())``, without copying the payload off its device."""
         return len(self._header()) + sum(f.numel() * f.element_size() for f in self.fields) + _CRC.size
 
-    def write(self, out: torch.Tensor, device_crc: bool | None = None) -> int:
+    def write(self, out: torch.Tensor, device_crc: bool | None = None, header: torch.Tensor | None = None) -> int:
         """Write this packet's wire form into the front of the uint8 tensor ``out``; return its length.
 
         The bytes are exactly :meth:`to_bytes`'s, laid out with tensor copies on ``out``'s device (the header
-        is a few host bytes; the fields are copied as raw bytes, not serialized). The CRC-32 is computed over
-        the written bytes by zlib on the CPU, and with tensor operations on other devices (``device_crc``
-        forces either way), so a GPU frame is never read back to the host."""
-        header = self._header()
-        n = len(header)
-        out[:n].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        is a few host bytes, copied without waiting for the device, or given already there as ``header``; the
+        fields are copied as raw bytes, not serialized). The CRC-32 is computed over the written bytes by zlib
+        on the CPU, and with tensor operations on other devices (``device_crc`` forces either way), so a GPU
+        frame is never read back to the host."""
+        if header is None:
+            header = to_device(self._header(), torch.uint8, out.device)
+        n = header.numel()
+        out[:n].copy_(header)
         for f in self.fields:
             k = f.numel() * f.element_size()
             if k:
@@ -91,8 +94,7 @@ class Packet:
         if device_crc if device_crc is not None else out.device.type != "cpu":
             out[n:n + _CRC.size].copy_(crc.to_le_bytes(crc.crc32(out[:n])))
         else:
-            out[n:n + _CRC.size].copy_(torch.frombuffer(bytearray(_CRC.pack(zlib.crc32(out[:n].numpy()))),
-                                                        dtype=torch.uint8))
+            out[n:n + _CRC.size].copy_(to_device(_CRC.pack(zlib.crc32(out[:n].numpy())), torch.uint8, "cpu"))
         return n + _CRC.size
 
     def to_bytes(self) -> bytes:
@@ -169,11 +171,15 @@ def frame_tensor(packets: list[Packet], device: torch.device | str = "cpu", spar
     """:func:`pack_frame` as one contiguous uint8 tensor on ``device`` (byte for byte the same), written in
     place with one copy of each field; ``spare`` extra zero bytes may follow (a transport's padding).
     ``device_crc`` as in :meth:`Packet.write`."""
-    total = sum(p.nbytes for p in packets)
+    headers = [p._header() for p in packets]
+    total = sum(len(h) + sum(f.numel() * f.element_size() for f in p.fields) + _CRC.size
+                for h, p in zip(headers, packets))
     out = torch.empty(total + spare, dtype=torch.uint8, device=device)
-    pos = 0
-    for p in packets:
-        pos += p.write(out[pos:], device_crc)
+    staged = to_device(b"".join(headers), torch.uint8, out.device)  # every header in one copy
+    pos = at = 0
+    for h, p in zip(headers, packets):
+        pos += p.write(out[pos:], device_crc, staged[at:at + len(h)])
+        at += len(h)
     if spare:
         out[total:].zero_()
     return out
@@ -211,6 +217,14 @@ class FrameLayout:
         return cls(tuple(described), tuple(header_at), pos, crc.frame_crc(tuple(lengths)))
 
 
+def layout_tag(packets: list[Packet]) -> int:
+    """A 31-bit nonzero digest of the packets' headers (codec names, element counts, field dtypes and shapes):
+    frames of equal length whose tags are equal have, but for a 2^-31 chance, the same layout, so a receiver
+    may check and slice them with its own frame's :class:`FrameLayout` (a wrong guess only fails that check).
+    Computed on the host from shapes alone; for value-dependent layouts too."""
+    return (zlib.crc32(b"".join(p._header() for p in packets)) & 0x7FFFFFFF) or 1
+
+
 _HEADER_INDEX: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
 
@@ -230,7 +244,7 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
     if key not in _HEADER_INDEX:
         if len(_HEADER_INDEX) > 64:  # layouts change only when the model or the codec does
             _HEADER_INDEX.clear()
-        _HEADER_INDEX[key] = torch.tensor(layout.header_at, dtype=torch.int64, device=frames.device)
+        _HEADER_INDEX[key] = to_device(layout.header_at, torch.int64, frames.device)
     header = _HEADER_INDEX[key]
     ok = (crc.crc32(frames) == layout.crc) & (frames[:, header] == own[header]).all(dim=1)
     safe = torch.where(ok.unsqueeze(1), frames, own.unsqueeze(0))
@@ -239,7 +253,7 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
         fields = []
         for dtype, shape, at in specs:
             k = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            fields.append(safe[:, at:at + k].contiguous().view(dtype).reshape(-1, *shape))
+            fields.append(safe[:, at:at + k].contiguous().view(dtype).reshape(safe.shape[0], *shape))
         for w, packets in enumerate(per_worker):
             packets.append(Packet(codec, numel, tuple(f[w] for f in fields)))
     return ok, per_worker

@@ -18,6 +18,7 @@ from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import byte_table, expect_field, lookup, pack_bits, pack_into, packed_nbytes, slices
 from compressors.packet import Packet, PacketError
 from compressors.sparse_index import decode_indices, encode_indices, layout
+from compressors.staging import to_device
 
 
 def encode_signs(x: torch.Tensor, l1: bool = False) -> tuple[torch.Tensor, ...]:
@@ -59,12 +60,15 @@ def encode_signs(x: torch.Tensor, l1: bool = False) -> tuple[torch.Tensor, ...]:
 def decode_signs(count: torch.Tensor, signs: torch.Tensor, zeros: torch.Tensor, numel: int, what: str,
                  scale: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`encode_signs`: sgn(x) as float32 in {−1, 0, 1}, times ``scale`` when given."""
-    k = int(expect_field(count, torch.int64, 1, f"{what} zero count")[0])
+    count = expect_field(count, torch.int64, 1, f"{what} zero count")
+    # no zero positions: no zeros (every index code of one or more positions takes bytes), so the count is
+    # not read back from the device; it is 0 in every packet encode_signs writes
+    k = int(count[0]) if zeros.numel() else 0
     if not 0 <= k <= numel:
         raise PacketError(f"{what}: zero count {k} is not in 0..{numel}")
     expect_field(zeros, torch.uint8, layout(k, numel).nbytes, f"{what} zero positions")
     signs = expect_field(signs, torch.uint8, packed_nbytes(numel - k, 1), f"{what} signs")
-    unit = torch.tensor([1.0, -1.0], device=signs.device)
+    unit = to_device([1.0, -1.0], torch.float32, signs.device)
     table = byte_table(unit if scale is None else unit * scale, 1)
     values = torch.empty(signs.numel() * 8, dtype=torch.float32, device=signs.device)
     for lo, hi in slices(signs.numel(), signs.device):

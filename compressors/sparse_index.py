@@ -85,11 +85,10 @@ def encode_indices(idx: torch.Tensor, numel: int) -> torch.Tensor:
     if lay.count == 0:
         return torch.empty(0, dtype=torch.uint8, device=device)
     if lay.bitmap:
-        bits = torch.zeros(numel, dtype=torch.uint8, device=device)
-        bits[idx] = 1
+        bits = torch.zeros(numel, dtype=torch.uint8, device=device).index_fill_(0, idx, 1)
         return pack_bits(bits, 1)
     upper = torch.zeros(lay.upper_len, dtype=torch.uint8, device=device)
-    upper[(idx >> lay.low_bits) + torch.arange(lay.count, device=device)] = 1
+    upper.index_fill_(0, (idx >> lay.low_bits) + torch.arange(lay.count, device=device), 1)
     low = pack_bits(idx & ((1 << lay.low_bits) - 1), lay.low_bits)
     return torch.cat([low, pack_bits(upper, 1)])
 

@@ -27,6 +27,7 @@ from compressors.bits import (
 )
 from compressors.jit import compiled
 from compressors.packet import Packet
+from compressors.staging import to_device
 
 
 @compiled
@@ -125,7 +126,7 @@ class TernGrad(Codec):
         n = packet.numel
         scale = expect_field(scale, torch.float32, 1, "terngrad scale")
         packed = expect_field(packed, torch.uint8, packed_nbytes(n, 2), "terngrad codes")
-        table = byte_table(scale * torch.tensor([0.0, 1.0, -1.0, 0.0], device=scale.device), 2)
+        table = byte_table(scale * to_device([0.0, 1.0, -1.0, 0.0], torch.float32, scale.device), 2)
         out = torch.empty(packed.numel() * 4, dtype=torch.float32, device=scale.device)
         for lo, hi in slices(packed.numel(), scale.device):
             lookup(packed[lo:hi], table, out[lo * 4: hi * 4])

@@ -158,14 +158,19 @@ class VQSGD(Codec):
             if self.points != "cross":
                 index = self._sample(rows / safe, u)
             elif rows.device.type == "cpu":
-                index = torch.empty(u.shape, dtype=torch.int64)
-                _sample_cross_rows(rows.numpy(), safe.numpy(), u.numpy(), np.float32(math.sqrt(m)), index.numpy())
+                index = self._sample_cross_compiled(rows, safe, u)
             else:
                 index = self._sample_cross(rows, safe, u)
             pack_into(index, bits, packed[first * bits // 8: packed_nbytes(first + index.numel(), bits)])
             norms.append(norm)
         norms = torch.cat(norms) if norms else flat.new_zeros(0, dtype=torch.float32)
         return Packet(self.name, n, (norms, packed))
+
+    def _sample_cross_compiled(self, rows: torch.Tensor, norm: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_sample_cross` on the CPU, in one compiled pass per row (the same draws)."""
+        index = torch.empty(u.shape, dtype=torch.int64)
+        _sample_cross_rows(rows.numpy(), norm.numpy(), u.numpy(), np.float32(math.sqrt(rows.shape[1])), index.numpy())
+        return index
 
     def _sample_cross(self, rows: torch.Tensor, norm: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Draws ``J`` with ``P(±e_i) = max(±v_i, 0)/√m + γ/(2m)`` (``v`` = a row over its ``norm``) as the
@@ -204,9 +209,10 @@ class VQSGD(Codec):
             return norms.new_zeros(0)
         count = num_points(self.points, m)
         index = unpack_codes(packed, bits, blocks * self.reps).to(torch.int64).view(blocks, self.reps)
-        top = int(index.max())
-        if top >= count:
-            raise PacketError(f"vqsgd packet names point {top}; the {self.points} set has {count}")
+        if count < 1 << bits:          # some codes name no point (with 2^bits points, as by default, all do)
+            top = int(index.max())
+            if top >= count:
+                raise PacketError(f"vqsgd packet names point {top}; the {self.points} set has {count}")
         if self.points == "cross":                 # Σ_j c_{J_j} = √m·(hits of +e_i − hits of −e_i)
             total = torch.zeros((blocks, m), dtype=torch.float32, device=norms.device)
             total.scatter_add_(1, index % m, 1.0 - 2.0 * (index >= m).to(torch.float32))

@@ -20,12 +20,15 @@ worker calls ``codec.settle(info, applied)`` for the contributions it offered, s
 only when its contribution was actually applied. A gather frame that fails to decode (lost or
 corrupted bytes) is dropped the same way by every worker and listed in ``ledger.dropped``.
 
-Frames on a GPU stay there. Each packet's CRC-32 is computed with tensor operations on the device, and
-when every tensor's codec has a fixed layout (:attr:`Codec.fixed_layout`: int8, qsgd, terngrad, topk,
-with or without error feedback), receivers check and slice the gathered frames on the device too
-(:func:`compressors.read_frames`). A frame that fails the check gets weight 0 in the aggregate and its
-sender's memory is kept, all decided on the device; the host learns which frames were dropped at the
-end of the step (:meth:`Ledger.resolve`), when the training loop reads the loss anyway.
+Frames on a GPU stay there. Each packet's CRC-32 is computed with tensor operations on the device. Each
+frame's length travels with a digest of its headers (:func:`compressors.layout_tag`, in the same control
+word); when every worker's frame has this worker's length and digest, receivers check and slice the
+gathered frames on the device too (:func:`compressors.read_frames`): at every step for codecs with a fixed
+layout (:attr:`Codec.fixed_layout`: int8, qsgd, terngrad, topk, with or without error feedback), and in
+every step whose layouts agree for the others (always for vqsgd; sign without exact zeros, laq with R > 0).
+A frame that fails the check gets weight 0 in the aggregate and its sender's memory is kept, all decided on
+the device; the host learns which frames were dropped at the end of the step (:meth:`Ledger.resolve`),
+when the training loop reads the loss anyway. Frames whose layouts differ are parsed on the host.
 
 Forbidden pairs (:func:`check_strategy`) raise ``ValueError`` naming codec and strategy. The ledger's
 bytes come from the packets' serialized lengths and from the transport's records of what it moved —
@@ -40,9 +43,10 @@ from typing import Any
 
 import torch
 
-from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorInfo, frame_tensor, make_codec, pack_frame,
-                         read_frames, unpack_frame, unpack_tensor)
+from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorInfo, frame_tensor, layout_tag, make_codec,
+                         pack_frame, read_frames, unpack_frame, unpack_tensor)
 from compressors.policy import Entry, Policy
+from compressors.staging import to_device
 from rayq.ledger import Ledger
 from rayq.transport import Purpose, Transport
 
@@ -338,13 +342,13 @@ class CompressedGroup:
         ledger.rounds += 1
         ledger.packet_bytes.extend(p.nbytes for p in packets)
         ledger.bytes_up += frame.numel()
-        frames = self.transport.all_gather_frames(frame)
+        tag = layout_tag(packets) if self.device_frames and packets else 0
+        frames, tags = self.transport.all_gather_tagged(frame, tag)
         t2 = clock.now()
         clock.charge(ledger, "comm_s", t1, t2)
         ledger.bytes_down += sum(f.numel() for w, f in enumerate(frames) if w != self.rank)
         device = flats[entries[0].key].device
-        if (self.device_frames and packets and all(e.codec.fixed_layout for e in entries)
-                and all(f.numel() == frame.numel() for f in frames)):
+        if tag and all(t == tag for t in tags) and all(f.numel() == frame.numel() for f in frames):
             results = self._gather_on_device(entries, packets, frame, frames, step, ledger, mean, weights, device)
             clock.charge(ledger, "decode_s", t2)
             return results
@@ -381,7 +385,7 @@ class CompressedGroup:
         ledger.unchecked.append(ok)
         used = ok.to(torch.float32)
         if weights is not None:  # every worker offered (a frame of this length), with these weights
-            used = used * torch.tensor(weights, dtype=torch.float32, device=used.device)
+            used = used * to_device(weights, torch.float32, used.device)
         results = {}
         for i, e in enumerate(entries):
             decoded = [e.codec.decode(per_worker[w][i].to(device), self._info(e, step, worker=w, weights=weights))

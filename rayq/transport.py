@@ -5,7 +5,9 @@ all-to-all, broadcast) and builds the operations the group needs on them, record
 :class:`WireRecord` that holds **every worker's** bytes, so the network model can time it:
 
 * ``all_reduce_sum(t)`` — one all-reduce of ``t`` (the same size on every worker);
-* ``all_gather_bytes(frame)`` — variable-size frames: an all-gather of the sizes (control), then
+* ``all_gather_bytes(frame)`` — variable-size frames: an all-gather of the sizes (control; each size's
+  8-byte word also carries a 31-bit tag, which the gather path fills with a digest of its frame's
+  layout: ``all_gather_tagged``), then
   either ``padded`` (default): an all-gather of every frame padded to the longest (the padding is
   counted), or ``direct``: an all-to-all in which each worker sends its frame to every other one (no
   padding, but each frame crosses N−1 links from its sender);
@@ -149,10 +151,14 @@ class Transport:
         size = torch.tensor([n], dtype=torch.int64, device=self.device)
         return [int(s.item()) for s in self._all_gather(size)]
 
-    def _sizes(self, n: int) -> list[int]:
-        sizes = self._gather_ints(n)
+    def _sizes(self, n: int, tag: int = 0) -> tuple[list[int], list[int]]:
+        """Every worker's frame length and tag, in one 8-byte word each: the tag (31 bits, 0 for none) above
+        the length (32 bits); a frame of 4 GiB or more goes as its negated length, without its tag."""
+        if not 0 <= tag < 1 << 31:
+            raise ValueError(f"a tag has 31 bits, got {tag}")
+        words = self._gather_ints(tag << 32 | n if n < 1 << 32 else -n)
         self.record(WireRecord("allgather", 1, (8,) * self.world, purpose=Purpose.CONTROL.value))
-        return sizes
+        return [-w if w < 0 else w & 0xFFFFFFFF for w in words], [0 if w < 0 else w >> 32 for w in words]
 
     def all_gather_bytes(self, data: bytes, purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
         """Variable-size frames as bytes (see :meth:`all_gather_frames`)."""
@@ -162,19 +168,25 @@ class Transport:
     def all_gather_frames(self, frame: torch.Tensor, purpose: Purpose = Purpose.PAYLOAD) -> list[torch.Tensor]:
         """Every worker's variable-size uint8 frame (this one included, in rank order), as tensors on the
         transport's device: no detour through Python bytes. Padded (default) or direct (see the module)."""
+        return self.all_gather_tagged(frame, 0, purpose)[0]
+
+    def all_gather_tagged(self, frame: torch.Tensor, tag: int,
+                          purpose: Purpose = Purpose.PAYLOAD) -> tuple[list[torch.Tensor], list[int]]:
+        """:meth:`all_gather_frames`, and every worker's ``tag`` (31 bits, e.g. a digest of the frame's layout:
+        :func:`compressors.layout_tag`), carried in the same control word as the frame's length at no cost."""
         frame = frame.to(self.device)
         if self.tamper is not None and purpose is Purpose.PAYLOAD:  # armed for the whole step by the fault injector
             frame = self.tamper(frame)
-        lengths = self._sizes(frame.numel())
+        lengths, tags = self._sizes(frame.numel(), tag)
         if self.world == 1:
-            return [frame]
+            return [frame], tags
         if self.gather == "direct":
             empty = frame[:0]
             got = self._all_to_all([frame if j != self.rank else empty for j in range(self.world)],
                                    [n if w != self.rank else 0 for w, n in enumerate(lengths)])
             self.record(WireRecord("alltoall", 1, tuple((self.world - 1) * n for n in lengths),
                                    tuple(sum(lengths) - n for n in lengths), purpose=Purpose(purpose).value))
-            return [frame if w == self.rank else t for w, t in enumerate(got)]
+            return [frame if w == self.rank else t for w, t in enumerate(got)], tags
         longest = max(lengths)
         if frame.numel() == longest:
             buf = frame
@@ -184,7 +196,7 @@ class Transport:
         outs = self._all_gather(buf)
         self.record(WireRecord("allgather", 1, (longest,) * self.world, purpose=Purpose(purpose).value,
                                padding=tuple(longest - n for n in lengths)))
-        return [o[:n] for o, n in zip(outs, lengths)]
+        return [o[:n] for o, n in zip(outs, lengths)], tags
 
     def all_to_all_bytes(self, chunks: list[bytes], purpose: Purpose = Purpose.PAYLOAD) -> list[bytes]:
         """Send ``chunks[j]`` to worker j; return what every worker sent to this one (by source)."""

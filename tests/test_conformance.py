@@ -110,9 +110,9 @@ def test_it_catches_a_gather_mean_with_the_wrong_weights(monkeypatch):
 def test_it_catches_a_size_exchange_the_ledger_does_not_count(monkeypatch):
     from rayq.transport import Transport
 
-    def sizes(self, n):
+    def sizes(self, n, tag=0):
         size = torch.tensor([n], dtype=torch.int64, device=self.device)
-        return [int(s.item()) for s in self._all_gather(size)]  # moved, but not recorded
+        return [int(s.item()) for s in self._all_gather(size)], [0] * self.world  # moved, but not recorded
 
     monkeypatch.setattr(Transport, "_sizes", sizes)
     found = _broken([Cell("qsgd", False, "every_step", "auto", "none")])

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import compressors
-from compressors import (FrameLayout, Kind, Packet, TensorInfo, frame_tensor, make_codec, pack_frame, read_frames,
-                         unpack_frame)
+from compressors import (FrameLayout, Kind, Packet, TensorInfo, frame_tensor, layout_tag, make_codec, pack_frame,
+                         read_frames, unpack_frame)
 from compressors.crc import RESIDUE, combine, crc32, frame_crc
 from compressors.policy import Policy
 from compressors.sparse_index import top_magnitudes
 from compressors.terngrad import TernGrad
+from compressors.vqsgd import VQSGD
 from rayq.collective import CompressedGroup, Ledger
 from rayq.faults import FaultKind, tamper
 from rayq.transport import run_local
@@ -24,6 +25,10 @@ from tests.host_reads import HostRead, no_host_reads
 
 ALL_CODECS = sorted(compressors.REGISTRY)
 FIXED = [n for n in ALL_CODECS if make_codec(n).fixed_layout]
+#: Codecs whose layout depends on the values only in corner cases (exact zeros, R = 0) or not at all, and
+#: whose decoders read nothing back: their frames are checked and sliced on the device whenever the layouts
+#: agree, and decoded there.
+AGREEING = ["ef_sign", "laq", "sign", "vqsgd"]
 #: Parameter sets a fixed-layout claim must hold for (each codec's claim may depend on them).
 VARIANTS = {
     "int8": [{}, {"bits": 4, "mode": "affine", "block": 100}, {"rounding": "stochastic"}],
@@ -114,6 +119,34 @@ def test_fixed_layout_codecs_write_one_header_for_any_values_and_decode_without_
         assert len(headers) == 1, (name, params)
 
 
+@pytest.mark.parametrize("name", AGREEING)
+def test_codecs_whose_layouts_usually_agree_decode_without_host_reads(name):
+    """Inputs without exact zeros, with R > 0: one header for all, and decoding reads nothing back (sign's zero
+    count is implied by an empty list of zero positions; vqsgd's 2m points leave no code out of range)."""
+    n, codec = 2000, make_codec(name)
+    headers = set()
+    for step, x in enumerate([torch.randn(n), torch.full((n,), 3.0), torch.randn(n) * 1e-30,
+                              torch.arange(1, n + 1, dtype=torch.float32)]):
+        info = TensorInfo("w", (n,), step=step, seed=3)
+        packet = codec.encode(x, info)
+        headers.add(packet._header())
+        with no_host_reads():
+            out = codec.decode(packet, info)
+        torch.testing.assert_close(out, codec.decode(Packet.from_bytes(packet.to_bytes()), info), rtol=0, atol=0)
+    assert len(headers) == 1, name
+    assert not make_codec(name).fixed_layout  # exact zeros or R = 0 change sign's and laq's headers; vqsgd's
+    #                                           range check reads the codes for point sets of other sizes
+
+
+def test_layout_tags_tell_layouts_apart_from_shapes_alone():
+    same = [_packets("sign", seed=s) for s in range(3)]
+    assert len({layout_tag(p) for p in same}) == 1 and 0 < layout_tag(same[0]) < 1 << 31
+    zeros = make_codec("sign").encode(torch.tensor([1.0, 0.0, -2.0]), TensorInfo("z", (3,)))
+    assert layout_tag(same[0][:2] + [zeros]) != layout_tag(same[0])
+    assert layout_tag(_packets("threshold", seed=0)) != layout_tag(_packets("threshold", seed=1))
+    assert layout_tag([]) == layout_tag([]) != 0
+
+
 def test_every_gather_codec_says_whether_it_has_a_fixed_layout():
     assert set(VARIANTS) == set(FIXED)
     assert make_codec("qsgd", {"coding": "elias"}).fixed_layout is False  # variable-length levels
@@ -164,8 +197,9 @@ def _grads(rank: int, step: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
 
 
-def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, weights, guard: bool):
-    """Three steps of an exchange; worker ``damage[0]``'s frame is corrupted at step ``damage[1]``."""
+def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, weights, guard: bool, zero_at=None):
+    """Three steps of an exchange; worker ``damage[0]``'s frame is corrupted at step ``damage[1]``; worker
+    ``zero_at[0]``'s gradients have exact zeros at step ``zero_at[1]``."""
     group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=1,
                             device_frames=on_device)
     out, dropped, residuals, checked = [], [], [], []
@@ -173,6 +207,8 @@ def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, we
         transport.tamper = (tamper(FaultKind.CORRUPT, 0, transport.rank, step)
                             if damage is not None and (transport.rank, step) == damage else None)
         grads = _grads(transport.rank, step)
+        if (transport.rank, step) == zero_at:
+            grads = {k: v.masked_fill(v.abs() < 0.1, 0.0) for k, v in grads.items()}
         if guard:
             with no_host_reads():
                 avg, ledger = group.allreduce_mean(grads, step, weights=weights)
@@ -187,18 +223,36 @@ def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, we
     return out, dropped, residuals, checked
 
 
-@pytest.mark.parametrize("codec,ef", [("int8", False), ("qsgd", False), ("terngrad", False), ("topk", True),
-                                      ("qsgd", True)])
-def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_a_corrupted_frame(codec, ef,
+def _guard_receiving(monkeypatch) -> None:
+    """Fail on host reads from the gathered frames on: checking, slicing, decoding, aggregating, settling."""
+    receive = CompressedGroup._gather_on_device
+
+    def guarded(*args, **kwargs):
+        with no_host_reads():
+            return receive(*args, **kwargs)
+
+    monkeypatch.setattr(CompressedGroup, "_gather_on_device", guarded)
+
+
+@pytest.mark.parametrize("codec,ef,guard", [
+    ("int8", False, "exchange"), ("qsgd", False, "exchange"), ("terngrad", False, "exchange"),
+    ("topk", True, "exchange"), ("qsgd", True, "exchange"), ("vqsgd", False, "exchange"),
+    ("sign", False, "receive"), ("ef_sign", True, "receive"), ("laq", False, "receive")])
+def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_a_corrupted_frame(codec, ef, guard,
                                                                                                   monkeypatch):
     """Worker 2's frame is corrupted at step 1: both paths drop it on every worker, keep its sender's error
     feedback memory, and give the same averages; the device path does it without one host read, encoding
-    included (topk and terngrad take the paths they take off the CPU: the compiled CPU passes read arrays)."""
+    included (topk, terngrad and vqsgd take the paths they take off the CPU: the compiled CPU passes read
+    arrays). sign, ef_sign and laq read one value each when encoding (whether there are exact zeros; whether
+    R = 0), which decides their layout; from the gathered frames on they read nothing either."""
     monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
     monkeypatch.setattr(TernGrad, "_pack_compiled", TernGrad._pack_tensor)
+    monkeypatch.setattr(VQSGD, "_sample_cross_compiled", VQSGD._sample_cross)
     world, damage = 4, (2, 1)
     host = run_local(world, _train_exchange, codec, ef, False, damage, None, False)
-    device = run_local(world, _train_exchange, codec, ef, True, damage, None, True)
+    if guard == "receive":
+        _guard_receiving(monkeypatch)
+    device = run_local(world, _train_exchange, codec, ef, True, damage, None, guard == "exchange")
     for (h_out, h_drop, h_res, h_checked), (d_out, d_drop, d_res, d_checked) in zip(host, device):
         assert h_checked == [0, 0, 0] and d_checked == [1, 1, 1]
         assert h_drop == d_drop == [[], [2], []]
@@ -238,11 +292,12 @@ def test_the_device_exchange_weights_workers_like_the_host_parse():
                 torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
 
 
-def test_a_worker_that_offers_nothing_or_a_variable_layout_takes_the_host_parse():
-    """An empty frame (weight 0) or a codec without a fixed layout cannot use the own frame's layout:
-    the exchange falls back to the host parse, with the same result."""
+def test_a_worker_that_offers_nothing_or_a_layout_of_its_own_takes_the_host_parse():
+    """An empty frame (weight 0) or frames whose layouts differ (threshold's and rcfed's sizes follow the
+    values) cannot use the own frame's layout: the exchange falls back to the host parse, with the same
+    result."""
     weights = [1.0, 0.0, 1.0, 1.0]
-    for codec, w in (("int8", weights), ("rcfed", None)):
+    for codec, w in (("int8", weights), ("rcfed", None), ("threshold", None)):
         host = run_local(4, _train_exchange, codec, False, False, None, w, False)
         device = run_local(4, _train_exchange, codec, False, True, None, w, False)
         for (h_out, _, _, _), (d_out, _, _, checked) in zip(host, device):
@@ -250,6 +305,20 @@ def test_a_worker_that_offers_nothing_or_a_variable_layout_takes_the_host_parse(
             for step in range(3):
                 for k in SHAPES:
                     assert torch.equal(d_out[step][k], h_out[step][k])
+
+
+@pytest.mark.parametrize("codec", ["sign", "ef_sign"])
+def test_a_step_whose_layouts_disagree_takes_the_host_parse_and_the_next_one_the_device(codec):
+    """Worker 1's gradients have exact zeros at step 1: its header differs that step only, so every worker
+    parses step 1 on the host and steps 0 and 2 on the device, with the results of the host parse (without
+    error feedback, whose memory would fill the zeros in)."""
+    host = run_local(4, _train_exchange, codec, False, False, None, None, False, (1, 1))
+    device = run_local(4, _train_exchange, codec, False, True, None, None, False, (1, 1))
+    for (h_out, h_drop, _, _), (d_out, d_drop, _, checked) in zip(host, device):
+        assert checked == [1, 0, 1] and h_drop == d_drop == [[], [], []]
+        for step in range(3):
+            for k in SHAPES:
+                torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
 
 
 def test_the_ledger_reads_device_checks_once_and_merges_them():
@@ -295,16 +364,28 @@ def _sizes_over_host_control(rank: int, world: int) -> list:
 
     t = TorchTransport(host_control=True)
     frame = torch.full((10 + 7 * rank,), rank, dtype=torch.uint8)
-    frames = t.all_gather_frames(frame)
-    return [f.tolist() for f in frames] + [t._control is not None]
+    frames, tags = t.all_gather_tagged(frame, (1 << 31) - 1 - rank)
+    return [f.tolist() for f in frames] + [tags, t._control is not None]
 
 
-def test_frame_sizes_travel_on_a_host_control_group_beside_the_data_group():
+def test_frame_sizes_and_layout_tags_travel_on_a_host_control_group_beside_the_data_group():
     from tests.distributed import run_workers
 
     results = run_workers(2, _sizes_over_host_control)
     for got in results:
-        assert got[:2] == [[0] * 10, [1] * 17] and got[2] is True
+        assert got[:2] == [[0] * 10, [1] * 17]
+        assert got[2] == [(1 << 31) - 1, (1 << 31) - 2] and got[3] is True
+
+
+def _words(transport):
+    n = [5, 0, (1 << 32) - 1, 6 << 32][transport.rank]
+    return transport._sizes(n, 7 * transport.rank)
+
+
+def test_each_frame_length_and_its_tag_share_one_eight_byte_word():
+    """A tag rides above the 32-bit length; a frame of 4 GiB or more goes as its negated length, untagged."""
+    for lengths, tags in run_local(4, _words):
+        assert lengths == [5, 0, (1 << 32) - 1, 6 << 32] and tags == [0, 7, 14, 0]
 
 
 # ---------------------------------------------------------------------------------------- CUDA (skipped here)
@@ -314,14 +395,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("name", ALL_CODECS)
-def test_cuda_frames_are_byte_identical_and_fixed_layout_exchanges_never_sync(name):
+def test_cuda_frames_are_byte_identical_and_agreeing_layouts_are_received_without_a_sync(name):
     dev = torch.device("cuda")
     packets = [Packet(p.codec, p.numel, tuple(f.to(dev) for f in p.fields)) for p in _packets(name)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         frame = frame_tensor(packets, dev)
-        if make_codec(name).fixed_layout and make_codec(name).kind is Kind.GATHER:
+        if (make_codec(name).fixed_layout or name in AGREEING) and make_codec(name).kind is Kind.GATHER:
             ok, parsed = read_frames(torch.stack([frame, frame]), frame, FrameLayout.of(packets))
             info = TensorInfo("t0", (3000,), worker=0, world=1, step=0, seed=1)
             make_codec(name).decode(parsed[1][0], info)
@@ -346,3 +427,46 @@ def _cuda_exchange(transport):
     spans = len(ledger.spans)
     ledger.resolve()
     return spans, ledger.encode_s, ledger.comm_s
+
+
+def _cuda_steps(transport, codec: str, ef: bool, barrier):
+    """Step 0 warms up (CUDA context, generators, cached tables); steps 1 and 2 run with every synchronizing
+    CUDA call an error, on both workers (the mode is global: the workers meet at ``barrier`` around it)."""
+    transport.device = torch.device("cuda")
+    group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=1)
+    out = []
+    for step in range(3):
+        grads = {k: v.cuda() for k, v in _grads(transport.rank, step).items()}
+        if step == 1:
+            torch.cuda.synchronize()
+            if barrier.wait() == 0:
+                torch.cuda.set_sync_debug_mode("error")
+            barrier.wait()
+        try:
+            avg, ledger = group.allreduce_mean(grads, step)
+        finally:
+            if step == 2 and barrier.wait() == 0:
+                torch.cuda.set_sync_debug_mode("default")
+        if step == 2:
+            barrier.wait()
+        checked = len(ledger.unchecked)
+        ledger.resolve()
+        out.append(({k: v.cpu() for k, v in avg.items()}, checked))
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("codec,ef", [("int8", False), ("qsgd", False), ("terngrad", False), ("topk", True),
+                                      ("vqsgd", False)])
+def test_cuda_exchanges_of_agreeing_layouts_never_synchronize_and_match_the_cpu(codec, ef):
+    import threading
+
+    world = 2
+    on_cuda = run_local(world, _cuda_steps, codec, ef, threading.Barrier(world, timeout=60))
+    on_cpu = run_local(world, _train_exchange, codec, ef, False, None, None, False)
+    for steps, (cpu_out, _, _, _) in zip(on_cuda, on_cpu):
+        assert [checked for _, checked in steps] == [1, 1, 1]
+        if codec == "int8":  # the others draw from CUDA's generators, or select on another code path
+            for (avg, _), want in zip(steps, cpu_out):
+                for k in SHAPES:
+                    torch.testing.assert_close(avg[k], want[k], rtol=1e-5, atol=1e-6)
