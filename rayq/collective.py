@@ -37,7 +37,6 @@ padding and control traffic included, never a formula.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from typing import Any
 
@@ -47,7 +46,7 @@ from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorIn
                          pack_frame, read_frames, unpack_frame, unpack_tensor)
 from compressors.policy import Entry, Policy
 from compressors.staging import to_device
-from rayq.ledger import Ledger
+from rayq.ledger import Clock, Ledger
 from rayq.transport import Purpose, Transport
 
 #: Values of ``compression.strategy``; ``auto`` picks all-reduce for linear codecs, all-gather otherwise.
@@ -96,32 +95,6 @@ def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:
     """Contiguous shards ``[lo, hi)`` of a flat tensor, one per worker, sizes differing by at most one."""
     cuts = [j * numel // world for j in range(world + 1)]
     return list(zip(cuts, cuts[1:]))
-
-
-class _Clock:
-    """Times the stages of one exchange (encode, communication, decode) into a ledger.
-
-    On the CPU a mark is the wall clock. On CUDA it is an event recorded on the current stream: waiting
-    for the device at every stage would serialise the host with it, so the spans are read at the end of
-    the step (:meth:`Ledger.resolve`), when the training loop waits for the loss anyway."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def now(self) -> Any:
-        if self.cuda:
-            mark = torch.cuda.Event(enable_timing=True)
-            mark.record()
-            return mark
-        return time.perf_counter()
-
-    def charge(self, ledger: Ledger, name: str, start: Any, end: Any = None) -> None:
-        """Add the span from ``start`` to ``end`` (default: now) to ``ledger``'s ``name`` seconds."""
-        end = self.now() if end is None else end
-        if self.cuda:
-            ledger.spans.append((name, start, end))
-        else:
-            setattr(ledger, name, getattr(ledger, name) + end - start)
 
 
 class CompressedGroup:
@@ -208,7 +181,7 @@ class CompressedGroup:
             raise ValueError(f"weights has {len(weights)} entries for a group of {self.world} workers")
         plan = self.plan(tensors) if entries is None else entries
         ledger = Ledger(rank=self.rank)
-        clock = _Clock(next(iter(tensors.values())).device)
+        clock = Clock(next(iter(tensors.values())).device)
         flats: dict[str, torch.Tensor] = {}
         for e in plan:
             parts = [tensors[m].detach().reshape(-1).to(e.dtype) for m in e.members]
@@ -259,7 +232,7 @@ class CompressedGroup:
     # ------------------------------------------------------------------ linear: all-reduce rounds
 
     def _linear(self, entries: list[Entry], flats: dict[str, torch.Tensor], step: int, ledger: Ledger,
-                clock: _Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
+                clock: Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
         w = 1.0 if weights is None else float(weights[self.rank])
         total = float(self.world) if weights is None else float(sum(weights))
         gens: dict[str, Generator[Packet, Packet, torch.Tensor]] = {}
@@ -323,7 +296,7 @@ class CompressedGroup:
     # ------------------------------------------------------------------ gather: all-gather of frames
 
     def _gather(self, entries: list[Entry], flats: dict[str, torch.Tensor], step: int, ledger: Ledger,
-                clock: _Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
+                clock: Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
         offers = weights is None or weights[self.rank] > 0
         t0 = clock.now()
         packets = []
@@ -407,7 +380,7 @@ class CompressedGroup:
                           weight_sum=None if weights is None or owner else float(sum(weights)))
 
     def _two_phase(self, entries: list[Entry], flats: dict[str, torch.Tensor], step: int, ledger: Ledger,
-                   clock: _Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
+                   clock: Clock, measure: bool, mean: bool, weights: list[float] | None) -> dict[str, torch.Tensor]:
         n, me = self.world, self.rank
         offers = weights is None or weights[me] > 0
         device = flats[entries[0].key].device

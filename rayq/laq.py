@@ -7,7 +7,6 @@ assigns only when it changed enough; receivers keep every worker's last upload a
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,8 +71,9 @@ class LAQ:
         return g0["lr"] / (1.0 - g0["momentum"]) if g0.get("momentum") else g0["lr"]
 
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
-        loss, compute_s = run_backward(backward)
-        started = time.perf_counter()
+        clock = self.replica.clock
+        loss, compute = run_backward(backward, clock)
+        started = clock.now()
         s, group, rank, world = self.state, self.group, self.group.rank, self.group.world
         grads = self.replica.grads()
         entries = group.plan(grads)
@@ -135,7 +135,7 @@ class LAQ:
         applied = self.replica.apply(update, grads, step)
         after = torch.cat([p.detach().reshape(-1) for _, p in self.replica.params])
         s.diffs.appendleft(float(((after - before) ** 2).sum()))
-        return timed(Outcome(group.drain(ledger), bool(uploaded), applied), started, loss, compute_s)
+        return timed(Outcome(group.drain(ledger), bool(uploaded), applied), clock, compute, started, loss)
 
     def resync(self, faults: StepFaults) -> None:
         """A departed worker's last upload leaves the aggregate (its gradient is no longer current); a worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,7 @@ class Ledger:
     def resolve(self) -> None:
         """Read what the device still holds: the frame checks (into ``dropped``, one host read for all of
         them) and the CUDA-event spans of the exchange's stages (into ``encode_s``, ``comm_s``, ``decode_s``)."""
-        for name, start, end in self.spans:
-            end.synchronize()
-            setattr(self, name, getattr(self, name) + start.elapsed_time(end) / 1000.0)
-        self.spans = []
+        read_spans(self)
         if not self.unchecked:
             return
         checks = torch.stack([ok.reshape(-1) for ok in self.unchecked]).cpu().tolist()
@@ -88,3 +86,38 @@ class Ledger:
         self.dropped.extend(other.dropped)
         self.unchecked.extend(other.unchecked)
         self.spans.extend(other.spans)
+
+
+class Clock:
+    """Times spans of a step into an object's float fields (a :class:`Ledger`'s stages, a step's compute).
+
+    On the CPU a mark is the wall clock. On CUDA it is an event recorded on the current stream, so a span is
+    device time: waiting for the device at every mark would serialise the host with it (and time only the
+    host's queueing), so the spans wait in the object's ``spans`` list until :func:`read_spans`, at the end
+    of the step, when the training loop waits for the loss anyway."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> Any:
+        if self.cuda:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+            return mark
+        return time.perf_counter()
+
+    def charge(self, target: Any, name: str, start: Any, end: Any = None) -> None:
+        """Add the span from ``start`` to ``end`` (default: now) to ``target``'s ``name`` seconds."""
+        end = self.now() if end is None else end
+        if self.cuda:
+            target.spans.append((name, start, end))
+        else:
+            setattr(target, name, getattr(target, name) + end - start)
+
+
+def read_spans(target: Any) -> None:
+    """Add ``target``'s pending CUDA-event spans to its fields (waiting for the last of them if it must)."""
+    for name, start, end in target.spans:
+        end.synchronize()
+        setattr(target, name, getattr(target, name) + start.elapsed_time(end) / 1000.0)
+    target.spans = []

@@ -7,14 +7,15 @@ optimizer, NaN/Inf detection, applying an averaged update, averaging BatchNorm b
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from rayq.collective import Ledger
+from rayq.ledger import Clock, read_spans
 from rayq.errors import NonFiniteGradientError
 from rayq.faults import StepFaults
 from rayq.transport import Purpose, Transport
@@ -34,6 +35,8 @@ class Replica:
 
     def __post_init__(self) -> None:
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        #: Times the step's compute and exposed communication: device time (CUDA events) on a GPU.
+        self.clock = Clock(self.params[0][1].device if self.params else torch.device("cpu"))
 
     @property
     def elements(self) -> int:
@@ -83,7 +86,8 @@ class Replica:
 class Outcome:
     """What one step of a schedule did: the exchange's ledger, whether it synced and applied an update, the
     loss of this worker's batch, its compute time, and how long the step waited on communication after its
-    compute was done (all of the exchange without overlap; only the tail that backward did not hide, with it)."""
+    compute was done (all of the exchange without overlap; only the tail that backward did not hide, with it).
+    On a GPU both times are device time, read by :meth:`resolve` at the end of the step."""
 
     ledger: Ledger
     synced: bool
@@ -91,6 +95,12 @@ class Outcome:
     loss: torch.Tensor | None = None
     compute_s: float = 0.0
     exposed_s: float = 0.0
+    spans: list[tuple[str, Any, Any]] = field(default_factory=list)  # (time field, CUDA events) not yet read
+
+    def resolve(self) -> None:
+        """Read the step's CUDA-event times and its ledger's (see :meth:`Ledger.resolve`)."""
+        read_spans(self)
+        self.ledger.resolve()
 
 
 #: Recompute this worker's local gradients at the current weights (zero, forward, backward; returns the loss).
@@ -101,16 +111,21 @@ def weights_of(faults: StepFaults | None) -> list[float] | None:
     return None if faults is None else faults.weights
 
 
-def run_backward(backward: Backward | None) -> tuple[torch.Tensor | None, float]:
-    """Run this step's forward and backward (when the caller has not already): the loss and its seconds."""
+def run_backward(backward: Backward | None, clock: Clock) -> tuple[torch.Tensor | None, tuple[Any, Any] | None]:
+    """Run this step's forward and backward (when the caller has not already): the loss and the clock's marks
+    around it."""
     if backward is None:
-        return None, 0.0
-    t0 = time.perf_counter()
+        return None, None
+    t0 = clock.now()
     loss = backward()
-    return loss, time.perf_counter() - t0
+    return loss, (t0, clock.now())
 
 
-def timed(outcome: Outcome, started: float, loss: torch.Tensor | None, compute_s: float) -> Outcome:
-    outcome.loss, outcome.compute_s = loss, compute_s
-    outcome.exposed_s = time.perf_counter() - started
+def timed(outcome: Outcome, clock: Clock, compute: tuple[Any, Any] | None, started: Any,
+          loss: torch.Tensor | None) -> Outcome:
+    """``outcome`` with the loss, the compute span and the exposed span from ``started`` to now."""
+    outcome.loss = loss
+    if compute is not None:
+        clock.charge(outcome, "compute_s", *compute)
+    clock.charge(outcome, "exposed_s", started)
     return outcome

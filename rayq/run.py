@@ -9,7 +9,7 @@ a DDP hook) on top and calls, per step::
     faults = run.begin(step)      # the fault plan fires; rejoining workers resynchronise
     x, y = run.batch(step)        # this worker's shard of the step's batch
     ...                           # forward, backward, exchange, optimizer step: the trainer's own
-    run.end(step, loss, outcome, compute_s)   # clock, trace, metrics, report, evaluation, checkpoint
+    run.end(step, loss, outcome)  # clock, trace, metrics, report, evaluation, checkpoint
 
 Data order and every codec's randomness derive from (seed, step, rank), so a run resumed from any
 checkpoint continues bit-exactly as the uninterrupted run would have.
@@ -292,15 +292,15 @@ class Run:
                 self.transport.broadcast([t.data for t in tensors], src=view.source)
         return view
 
-    def end(self, step: int, loss: torch.Tensor, outcome: Outcome, compute_s: float,
-            faults: StepFaults | None = None) -> None:
+    def end(self, step: int, loss: torch.Tensor, outcome: Outcome, faults: StepFaults | None = None) -> None:
         """Book one step: the simulated clock, the trace, the window; report, evaluate and checkpoint on cadence."""
         ledger = outcome.ledger
         ledger.rank = self.rank
         self.skipped += int(not outcome.applied)
         self.bytes_total += ledger.bytes_up
         self.window.loss += float(loss.detach())
-        ledger.resolve()  # the loss read has waited for the device: its frame checks are ready too
+        outcome.resolve()  # the loss read has waited for the device: its frame checks and times are ready too
+        compute_s = outcome.compute_s
         self.window.steps += 1
         self.window.compute_s += compute_s
         self.window.exposed_s += outcome.exposed_s

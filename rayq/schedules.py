@@ -21,7 +21,6 @@ Every schedule is checkpointable (``state_dict``) and reports its own figures (`
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Protocol
 
 import torch
@@ -76,12 +75,13 @@ class EveryStep:
             return self._closure_step(step, faults, measure, backward)
         if self.overlap and backward is not None:
             return self._overlapped(step, faults, measure, backward)
-        loss, compute_s = run_backward(backward)
-        started = time.perf_counter()
+        clock = self.replica.clock
+        loss, compute = run_backward(backward, clock)
+        started = clock.now()
         grads = self.replica.grads()
         averaged, ledger = self.group.allreduce_mean(grads, step, measure=measure, weights=weights_of(faults))
         self.syncs += 1
-        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), started, loss, compute_s)
+        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), clock, compute, started, loss)
 
     # -- overlap ----------------------------------------------------------------------------------------------
     def _prepare_units(self) -> list[_Unit]:
@@ -116,14 +116,15 @@ class EveryStep:
 
         thread = threading.Thread(target=communicate, name="rayq-overlap", daemon=True)
         thread.start()
-        t0 = time.perf_counter()
+        clock = self.replica.clock
+        t0 = clock.now()
         try:
             loss = backward()
         finally:
             for u in units:  # a parameter that got no gradient never fires its hook
                 u.done.set()
-        compute_s = time.perf_counter() - t0
-        started = time.perf_counter()
+        compute = (t0, clock.now())
+        started = compute[1]
         thread.join()
         if failure:
             raise failure[0]
@@ -134,7 +135,7 @@ class EveryStep:
             ledger.add(part)
         grads = self.replica.grads()
         self.syncs += 1
-        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), started, loss, compute_s)
+        return timed(Outcome(ledger, True, self.replica.apply(averaged, grads, step)), clock, compute, started, loss)
 
     def _closure_step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None) -> Outcome:
         """The optimizer asks for the averaged gradient as often as it needs it (BLAQ: twice); the first
@@ -142,8 +143,9 @@ class EveryStep:
         if backward is None:
             raise ValueError(f"optimizer {type(self.replica.optimizer).__name__} evaluates the gradient itself; "
                              "the trainer must pass schedule.step(..., backward=...)")
-        loss, compute_s = run_backward(backward)
-        started = time.perf_counter()
+        clock = self.replica.clock
+        loss, compute = run_backward(backward, clock)
+        started = clock.now()
         ledger = Ledger(rank=self.group.rank)
         calls = [0]
 
@@ -163,7 +165,7 @@ class EveryStep:
         self.replica.optimizer.step(closure)
         ledger.elements //= max(calls[0], 1)  # the same elements, exchanged once per evaluation
         self.syncs += 1
-        return timed(Outcome(ledger, True, True), started, loss, compute_s)
+        return timed(Outcome(ledger, True, True), clock, compute, started, loss)
 
     def resync(self, faults: StepFaults) -> None:
         pass
@@ -297,18 +299,19 @@ class Periodic:
         return step + 1 - self.last_sync >= self.period
 
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
-        loss, compute_s = run_backward(backward)
-        started = time.perf_counter()
+        clock = self.replica.clock
+        loss, compute = run_backward(backward, clock)
+        started = clock.now()
         grads = self.replica.grads()
         applied = self.replica.finite(grads, grads, step, "local gradient")
         if applied:
             self.replica.optimizer.step()
         ledger = Ledger(rank=self.group.rank, elements=self.replica.elements)
         if not self.should_sync(step):
-            return timed(Outcome(ledger, False, applied), started, loss, compute_s)
+            return timed(Outcome(ledger, False, applied), clock, compute, started, loss)
         ledger, variance, finite = self.averager.sync(step, measure)
         self.observe(step, variance)
-        return timed(Outcome(ledger, True, applied and finite), started, loss, compute_s)
+        return timed(Outcome(ledger, True, applied and finite), clock, compute, started, loss)
 
     def observe(self, step: int, variance: float) -> None:
         self.last_sync = step + 1

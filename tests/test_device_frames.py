@@ -265,6 +265,18 @@ def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_
     assert all(torch.equal(device[0][0][s][k], d[0][s][k]) for d in device for s in range(3) for k in SHAPES)
 
 
+@pytest.mark.parametrize("codec,ef", [("none", False), ("fp16", False), ("bf16", False), ("powersgd", False),
+                                      ("randomk", True)])
+def test_the_all_reduce_path_reads_nothing_back(codec, ef):
+    """Linear codecs sum their fields by all-reduce (PowerSGD in its two rounds): nothing in three steps
+    reads tensor data back to the host or copies host values over, error feedback included."""
+    host = run_local(2, _train_exchange, codec, ef, False, None, None, False)
+    guarded = run_local(2, _train_exchange, codec, ef, True, None, None, True)
+    for (h_out, _, _, _), (d_out, _, _, checked) in zip(host, guarded):
+        assert checked == [0, 0, 0]
+        assert all(torch.equal(d_out[s][k], h_out[s][k]) for s in range(3) for k in SHAPES)
+
+
 def _sum_exchange(transport, on_device: bool):
     transport.tamper = tamper(FaultKind.CORRUPT, 0, 1, 0) if transport.rank == 1 else None
     group = CompressedGroup(Policy("int8", min_numel=0), transport, seed=1, device_frames=on_device)
@@ -354,6 +366,55 @@ def test_stage_spans_recorded_on_the_device_are_read_into_the_times_at_resolve()
     ledger.resolve()
     assert ledger.encode_s == pytest.approx(0.003) and ledger.comm_s == pytest.approx(0.0065)
     assert ledger.spans == []
+
+
+class _Ticking(_Event):
+    """A CUDA timing event whose timestamp is the number of events recorded so far (in milliseconds)."""
+
+    recorded = 0
+
+    def __init__(self, enable_timing: bool = True) -> None:
+        super().__init__(0.0)
+
+    def record(self) -> None:
+        _Ticking.recorded += 1
+        self.ms = float(_Ticking.recorded)
+
+
+def _one_step(transport, overlap: bool):
+    from rayq.ledger import Clock
+    from rayq.replica import Replica
+    from rayq.schedules import EveryStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    replica.clock = Clock(torch.device("cuda"))  # marks are (ticking) CUDA events; the tensors stay on the CPU
+    group = CompressedGroup(Policy("int8", min_numel=0), transport, seed=1)
+
+    def backward():
+        model.zero_grad()
+        loss = model(torch.randn(5, 8)).square().mean()
+        loss.backward()
+        return loss
+
+    outcome = EveryStep(replica, group, overlap=overlap).step(0, None, False, backward)
+    pending = (outcome.compute_s, outcome.exposed_s, [name for name, _, _ in outcome.spans])
+    outcome.resolve()
+    return pending, (outcome.compute_s, outcome.exposed_s, outcome.spans)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_on_cuda_a_steps_compute_and_exposed_times_are_device_spans_read_at_its_end(overlap, monkeypatch):
+    """Forward and backward, then the exchange and update, are each one span of CUDA events, read when the
+    step is booked (:meth:`Outcome.resolve`), not host time between marks."""
+    monkeypatch.setattr(torch.cuda, "Event", _Ticking)
+    _Ticking.recorded = 0
+    (pending, resolved), = run_local(1, _one_step, overlap)
+    assert pending == (0.0, 0.0, ["compute_s", "exposed_s"])
+    assert resolved == (pytest.approx(0.001), pytest.approx(0.001), [])  # one tick each
+    # marks before and after backward, the exposed span's start (with overlap: backward's end), its end
+    assert _Ticking.recorded == (3 if overlap else 4)
 
 
 # ---------------------------------------------------------------------------------------- torch.distributed

@@ -196,10 +196,10 @@ def test_a_forbidden_import_is_reported():
 def test_a_circle_and_a_private_import_are_reported():
     mods = sources()
     mods["rayq.netsim"] += "\nfrom rayq.run import make_plan\n"        # run imports netsim: a circle
-    mods["rayq.faults"] += "\nfrom rayq.collective import _Clock\n"  # a private name
+    mods["rayq.faults"] += "\nfrom rayq.collective import _forbidden\n"  # a private name
     found = violations(mods)
     assert any(v.startswith("import circle") and "rayq.netsim" in v and "rayq.run" in v for v in found)
-    assert any("private name '_Clock'" in v for v in found)
+    assert any("private name '_forbidden'" in v for v in found)
 
 
 def test_a_print_in_the_runtime_is_reported():

@@ -112,6 +112,6 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         applied = run.replica.finite(grads, grads, step, "averaged gradient")
         if applied:
             optimizer.step()
-        run.end(step, loss, Outcome(ledger, True, applied), compute_s)
+        run.end(step, loss, Outcome(ledger, True, applied, compute_s=compute_s))
 
     return run.finish()

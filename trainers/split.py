@@ -81,7 +81,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         tally.add(ledger, float(dcor.detach()))
         if run.measuring(step):                           # the report steps: the same on every worker
             tally.settle(run.transport)
-        run.end(step, torch.tensor(loss), Outcome(ledger, True, applied), compute_s)
+        run.end(step, torch.tensor(loss), Outcome(ledger, True, applied, compute_s=compute_s))
 
     return run.finish()
 

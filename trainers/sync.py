@@ -39,6 +39,6 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             return loss
 
         outcome = schedule.step(step, faults, measure=run.measuring(step), backward=backward)
-        run.end(step, outcome.loss, outcome, outcome.compute_s, faults)
+        run.end(step, outcome.loss, outcome, faults)
 
     return run.finish()
