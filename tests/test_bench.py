@@ -66,3 +66,14 @@ def test_bench_e2e_replays_one_run_per_configuration_on_each_network(ray_session
     # 1.1 M parameters at 100 Mb/s: the dense run spends longer on the wire than the 8× smaller QSGD run
     assert rows["dense"]["profiles"]["volunteer-100m"]["total_sim_s"] > rows["qsgd"]["profiles"]["volunteer-100m"]["total_sim_s"]
     assert (out / "e2e.png").stat().st_size > 10_000 and "| dense |" in (out / "e2e.md").read_text()
+
+
+def test_bench_codecs_cuda_only_excludes_cpu_only_and_needs_cuda(tmp_path, capsys):
+    import torch
+
+    assert main(["bench", "codecs", "--cuda-only", "--cpu-only", "--out", str(tmp_path)]) == 2
+    assert "exclude each other" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["bench", "codecs", "--cuda-only", "--out", str(tmp_path)]) == 2
+        assert "--cuda-only needs a CUDA device" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -249,7 +249,13 @@ def environment() -> dict[str, Any]:
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    if args.cuda_only and args.cpu_only:
+        print("rayq bench codecs: --cpu-only and --cuda-only exclude each other; give one or neither")
+        return 2
+    if args.cuda_only and not torch.cuda.is_available():
+        print("rayq bench codecs: --cuda-only needs a CUDA device, and torch sees none")
+        return 2
+    devices = ([] if args.cuda_only else ["cpu"]) + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     codecs = args.codecs.split(",") if args.codecs else list(REGISTRY)
     unknown = [c for c in codecs if c not in REGISTRY]
     if unknown:
@@ -489,6 +495,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="gaussian,gradient", help="gaussian and/or gradient (ResNet-18, real images)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats after one warm-up (median reported)")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    p.add_argument("--cuda-only", action="store_true", help="measure on CUDA alone (the CPU rows take most of the time)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads while measuring (default 1)")
     p.add_argument("--out", help="output directory (default bench_out/codecs-<time>)")
     p.set_defaults(func=cmd_bench_codecs)
