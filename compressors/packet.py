@@ -158,7 +158,11 @@ class Packet:
         return cls(codec=codec, numel=numel, fields=fields), pos
 
     def to(self, device: torch.device | str) -> Packet:
-        return Packet(self.codec, self.numel, tuple(f.to(device) for f in self.fields))
+        """This packet with its fields on ``device`` (from the host without waiting for the device)."""
+        device = torch.device(device)
+        return Packet(self.codec, self.numel, tuple(
+            to_device(f, f.dtype, device) if f.device.type == "cpu" and device.type != "cpu" else f.to(device)
+            for f in self.fields))
 
 
 def pack_frame(packets: list[Packet]) -> bytes:
@@ -257,6 +261,13 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
         for w, packets in enumerate(per_worker):
             packets.append(Packet(codec, numel, tuple(f[w] for f in fields)))
     return ok, per_worker
+
+
+def to_host(frames: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Frames (uint8 tensors) in host memory: frames on a device come back in one copy, not one each."""
+    if all(f.device.type == "cpu" for f in frames):
+        return frames
+    return list(torch.cat([f.reshape(-1) for f in frames]).cpu().split([f.numel() for f in frames]))
 
 
 def unpack_tensor(frame: torch.Tensor, count: int) -> list[Packet]:

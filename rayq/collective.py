@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorInfo, frame_tensor, layout_tag, make_codec,
-                         pack_frame, read_frames, unpack_frame, unpack_tensor)
+                         pack_frame, read_frames, to_host, unpack_frame, unpack_tensor)
 from compressors.policy import Entry, Policy
 from compressors.staging import to_device
 from rayq.ledger import Clock, Ledger
@@ -328,7 +328,7 @@ class CompressedGroup:
         decoded: list[list[torch.Tensor]] = [[] for _ in entries]
         used: list[float] = []
         mine_applied = False
-        for w, data in enumerate(frames):
+        for w, data in enumerate(to_host(frames)):  # from a GPU: one copy back for all frames
             if weights is not None and weights[w] <= 0:
                 continue
             try:
