@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from compressors import (Codec, FrameLayout, Kind, Packet, PacketError, TensorInfo, frame_tensor, layout_tag, make_codec,
-                         pack_frame, read_frames, to_host, unpack_frame, unpack_tensor)
+                         read_frames, to_host, unpack_tensor)
 from compressors.policy import Entry, Policy
 from compressors.staging import to_device
 from rayq.ledger import Clock, Ledger
@@ -405,15 +405,16 @@ class CompressedGroup:
                     packet = e.codec.encode(x, info)
                 outgoing[j].append(packet)
                 sent_infos.append((e.codec, info))
-        frames = [pack_frame(ps) for ps in outgoing]
+        frames = [frame_tensor(ps, self.transport.device, device_crc=self.device_frames or None) for ps in outgoing]
         t1 = clock.now()
-        received = self.transport.all_to_all_bytes(frames)
+        received = self.transport.all_to_all_frames(frames)
         t2 = clock.now()
 
         # The owner: decode the packets of its shard, aggregate, re-encode with its own codec.
         mine = owned_by(me)
         contributors = [w for w in range(n) if weights is None or weights[w] > 0]
-        per_source = {w: unpack_frame(received[w], len(mine)) for w in contributors}
+        on_host = to_host(received)  # from a GPU: one copy back for all frames
+        per_source = {w: unpack_tensor(on_host[w], len(mine)) for w in contributors}
         reencoded, owner_infos = [], []
         for i, e in enumerate(mine):
             lo, hi = bounds[e.key][me]
@@ -425,15 +426,15 @@ class CompressedGroup:
             info = self._shard_info(e, me, hi - lo, step, me, owner=True)
             reencoded.append(owner.encode(reduced.to(torch.float32), info))
             owner_infos.append((owner, info))
+        frame2 = frame_tensor(reencoded, self.transport.device, device_crc=self.device_frames or None)
         t3 = clock.now()
-        frame2 = pack_frame(reencoded)
 
         # Phase 2: all-gather of the re-encoded shards; everyone decodes every shard.
-        shards_bytes = self.transport.all_gather_bytes(frame2)
+        shards = self.transport.all_gather_frames(frame2)
         t4 = clock.now()
         pieces: dict[str, list[torch.Tensor]] = {e.key: [] for e in entries}
-        for w, data in enumerate(shards_bytes):
-            packets = iter(unpack_frame(data, len(owned_by(w))))
+        for w, data in enumerate(to_host(shards)):
+            packets = iter(unpack_tensor(data, len(owned_by(w))))
             for e in entries:
                 lo, hi = bounds[e.key][w]
                 if hi == lo:
@@ -455,9 +456,9 @@ class CompressedGroup:
         sent_packets = [p for j, ps in enumerate(outgoing) if j != me for p in ps] + reencoded
         ledger.packets += len(sent_packets)
         ledger.packet_bytes.extend(p.nbytes for p in sent_packets)
-        ledger.bytes_up += sum(len(f) for j, f in enumerate(frames) if j != me) + len(frame2)
-        ledger.bytes_down += sum(len(f) for w, f in enumerate(received) if w != me) + \
-            sum(len(d) for w, d in enumerate(shards_bytes) if w != me)
+        ledger.bytes_up += sum(f.numel() for j, f in enumerate(frames) if j != me) + frame2.numel()
+        ledger.bytes_down += sum(f.numel() for w, f in enumerate(received) if w != me) + \
+            sum(d.numel() for w, d in enumerate(shards) if w != me)
         return results
 
     # ------------------------------------------------------------------ state

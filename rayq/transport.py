@@ -148,8 +148,13 @@ class Transport:
 
     def _gather_ints(self, n: int) -> list[int]:
         """Every worker's ``n`` (8 bytes each), in rank order, as host integers."""
-        size = torch.tensor([n], dtype=torch.int64, device=self.device)
-        return [int(s.item()) for s in self._all_gather(size)]
+        return [row[0] for row in self._gather_rows([n])]
+
+    def _gather_rows(self, row: list[int]) -> list[list[int]]:
+        """Every worker's ``row`` of host integers (the same length on every worker, 8 bytes each), in rank
+        order. Subclasses with a host-side group keep them off the device."""
+        rows = self._all_gather(torch.tensor(row, dtype=torch.int64, device=self.device))
+        return torch.stack(rows).tolist()
 
     def _sizes(self, n: int, tag: int = 0) -> tuple[list[int], list[int]]:
         """Every worker's frame length and tag, in one 8-byte word each: the tag (31 bits, 0 for none) above
@@ -202,15 +207,20 @@ class Transport:
         """Send ``chunks[j]`` to worker j; return what every worker sent to this one (by source)."""
         if len(chunks) != self.world:
             raise ValueError(f"all_to_all_bytes needs one chunk per worker ({self.world}), got {len(chunks)}")
-        row = torch.tensor([len(c) for c in chunks], dtype=torch.int64, device=self.device)
-        matrix = [[int(v) for v in r.tolist()] for r in self._all_gather(row)]  # matrix[src][dst]
+        return [_to_bytes(t) for t in self.all_to_all_frames([_to_uint8(c, self.device) for c in chunks], purpose)]
+
+    def all_to_all_frames(self, chunks: list[torch.Tensor], purpose: Purpose = Purpose.PAYLOAD) -> list[torch.Tensor]:
+        """:meth:`all_to_all_bytes` for uint8 tensors on the transport's device, returned as tensors there."""
+        if len(chunks) != self.world:
+            raise ValueError(f"all_to_all_frames needs one chunk per worker ({self.world}), got {len(chunks)}")
+        matrix = self._gather_rows([c.numel() for c in chunks])  # matrix[src][dst]
         self.record(WireRecord("allgather", 1, (8 * self.world,) * self.world, purpose=Purpose.CONTROL.value))
         recv = [matrix[src][self.rank] for src in range(self.world)]
-        got = self._all_to_all([_to_uint8(c, self.device) for c in chunks], recv)
+        got = self._all_to_all([c.to(self.device) for c in chunks], recv)
         sent = tuple(sum(n for dst, n in enumerate(matrix[w]) if dst != w) for w in range(self.world))
         received = tuple(sum(matrix[src][w] for src in range(self.world) if src != w) for w in range(self.world))
         self.record(WireRecord("alltoall", 1, sent, received, purpose=Purpose(purpose).value))
-        return [_to_bytes(t) for t in got]
+        return got
 
     def broadcast(self, tensors: list[torch.Tensor], src: int, purpose: Purpose = Purpose.STATE) -> None:
         """Overwrite ``tensors`` on every worker with the source's values (one flat buffer per dtype)."""
@@ -262,16 +272,16 @@ class TorchTransport(Transport):
         self.dist.all_gather(outs, t, group=self.group)
         return outs
 
-    def _gather_ints(self, n: int) -> list[int]:
+    def _gather_rows(self, row: list[int]) -> list[list[int]]:
         if not self.host_control:
-            return super()._gather_ints(n)
+            return super()._gather_rows(row)
         if self._control is None:  # only this group's members meet here, all at their first exchange
             ranks = self.dist.get_process_group_ranks(self.group) if self.group is not None \
                 else list(range(self.dist.get_world_size()))
             self._control = self.dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
-        outs = [torch.empty(1, dtype=torch.int64) for _ in range(self.world)]
-        self.dist.all_gather(outs, torch.tensor([n], dtype=torch.int64), group=self._control)
-        return [int(o[0]) for o in outs]
+        outs = [torch.empty(len(row), dtype=torch.int64) for _ in range(self.world)]
+        self.dist.all_gather(outs, torch.tensor(row, dtype=torch.int64), group=self._control)
+        return [o.tolist() for o in outs]
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         send_sizes = [c.numel() for c in chunks]
@@ -334,9 +344,9 @@ class LocalTransport(Transport):
         self._count("all_gather", t.numel() * t.element_size())
         return [x.clone() for x in self.hub.exchange(self.rank, t.detach().clone())]
 
-    def _gather_ints(self, n: int) -> list[int]:
-        self._count("all_gather", 8)
-        return list(self.hub.exchange(self.rank, int(n)))
+    def _gather_rows(self, row: list[int]) -> list[list[int]]:
+        self._count("all_gather", 8 * len(row))
+        return [list(r) for r in self.hub.exchange(self.rank, [int(v) for v in row])]
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         self._count("all_to_all", sum(c.numel() for j, c in enumerate(chunks) if j != self.rank))

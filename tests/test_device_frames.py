@@ -426,16 +426,19 @@ def _sizes_over_host_control(rank: int, world: int) -> list:
     t = TorchTransport(host_control=True)
     frame = torch.full((10 + 7 * rank,), rank, dtype=torch.uint8)
     frames, tags = t.all_gather_tagged(frame, (1 << 31) - 1 - rank)
-    return [f.tolist() for f in frames] + [tags, t._control is not None]
+    chunks = [torch.full((3 * rank + dst,), 10 * rank + dst, dtype=torch.uint8) for dst in range(world)]
+    got = t.all_to_all_frames(chunks)  # its size matrix goes over the host group too
+    return [f.tolist() for f in frames] + [tags, t._control is not None, [g.tolist() for g in got]]
 
 
 def test_frame_sizes_and_layout_tags_travel_on_a_host_control_group_beside_the_data_group():
     from tests.distributed import run_workers
 
     results = run_workers(2, _sizes_over_host_control)
-    for got in results:
+    for rank, got in enumerate(results):
         assert got[:2] == [[0] * 10, [1] * 17]
         assert got[2] == [(1 << 31) - 1, (1 << 31) - 2] and got[3] is True
+        assert got[4] == [[10 * src + rank] * (3 * src + rank) for src in range(2)]
 
 
 def _words(transport):
