@@ -20,9 +20,11 @@ Point sets (``m`` = block dimension):
 Wire: fields ``(block norms: fp32[blocks], indices: ⌈log2 N⌉ bits each, s per block, packed)``.
 A last, shorter block is zero-padded to the block size (still unbiased; its variance is that of a
 full block). ``block = 0`` (or ``≥ numel``) treats the whole tensor as one block. Sampling is
-inverse-CDF on the tensor's device (cross: float32 cumulative sums of |g_b|, on the CPU in one
-compiled pass per block; simplex and Hadamard: float64 cumulative sums of the point probabilities);
-the Hadamard transform is a vectorised butterfly.
+inverse-CDF on the tensor's device. Cross and Hadamard draw from the same mixture, mass on one signed
+coordinate picked by float32 cumulative sums of its magnitudes and γ spread evenly (on the CPU in
+one compiled pass per block); Hadamard's coordinates are those of ``H·g_b``. Simplex uses float64
+cumulative sums of its point probabilities. The Hadamard transform is one matrix product with H for
+blocks of up to 256 (padded) coordinates, and a vectorised butterfly beyond.
 """
 
 from __future__ import annotations
@@ -39,12 +41,28 @@ from compressors.bits import bucketize_flat, pack_into, packed_nbytes, slices, u
 from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
 
+#: up to this length the transform is one matrix product with H (one pass; a butterfly takes log2 P)
+_MATMUL_FWHT = 256
+_SYLVESTER: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised fast Walsh–Hadamard transform along the last axis (length a power of 2):
     ``x @ H`` with the Sylvester matrix ``H`` (symmetric, ``H·H = P·I``)."""
     size = x.shape[-1]
     if size & (size - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {size}")
+    if 1 < size <= _MATMUL_FWHT and x.is_floating_point():
+        key = (size, x.dtype, str(x.device))
+        if key not in _SYLVESTER:
+            _SYLVESTER[key] = _butterflies(torch.eye(size, dtype=x.dtype, device=x.device))
+        return x @ _SYLVESTER[key]
+    return _butterflies(x)
+
+
+def _butterflies(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fwht` as log2(P) rounds of sums and differences."""
+    size = x.shape[-1]
     lead = x.shape[:-1]
     y = x.reshape(-1, size)
     h = 1
@@ -155,7 +173,13 @@ class VQSGD(Codec):
             u = uniform_lanes(gen, rows.shape[0] * self.reps, flat.device).view(-1, self.reps)
             u = u.to(torch.float32).mul_(2.0**-32).add_(0.5)        # uniform on [0, 1)
             safe = torch.where(norm > 0, norm, 1.0).unsqueeze(1)
-            if self.points != "cross":
+            if self.points == "hadamard":
+                # c = H·g_b/(‖g_b‖·P): the cross sampler over the rows H·g_b, with the norm scaled by √P so
+                # that its first part has mass ‖c‖₁ (at most 1) and γ = 1 − ‖c‖₁ is spread over all 2P points
+                size = dimension(self.points, m)
+                rows = fwht(torch.nn.functional.pad(rows, (0, size - m)))
+                safe = safe * math.sqrt(size)
+            if self.points == "simplex":
                 index = self._sample(rows / safe, u)
             elif rows.device.type == "cpu":
                 index = self._sample_cross_compiled(rows, safe, u)
@@ -189,7 +213,7 @@ class VQSGD(Codec):
         return torch.where(first, point, spread)
 
     def _sample(self, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Inverse-CDF draws over the point set's probabilities (float64 cumulative sums)."""
+        """Inverse-CDF draws over the point set's probabilities (float64 cumulative sums; the simplex's)."""
         cdf = point_probabilities(v.to(torch.float64), self.points).cumsum(dim=1)
         return torch.searchsorted(cdf, u.to(torch.float64) * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
 
@@ -217,6 +241,11 @@ class VQSGD(Codec):
             total = torch.zeros((blocks, m), dtype=torch.float32, device=norms.device)
             total.scatter_add_(1, index % m, 1.0 - 2.0 * (index >= m).to(torch.float32))
             out = total.mul_((norms * (math.sqrt(m) / self.reps)).unsqueeze(1))
+        elif self.points == "hadamard":            # Σ_j c_{J_j} = H·(hits of +h_i − hits of −h_i)
+            size = count // 2
+            total = torch.zeros((blocks, size), dtype=torch.float32, device=norms.device)
+            total.scatter_add_(1, index % size, 1.0 - 2.0 * (index >= size).to(torch.float32))
+            out = fwht(total)[:, :m].mul_((norms / self.reps).unsqueeze(1))
         else:
             hits = torch.zeros((blocks, count), dtype=torch.float32, device=norms.device)
             hits.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))

@@ -219,6 +219,26 @@ def test_compiled_cpu_cross_sampler_draws_the_points_of_the_tensor_sampler(block
     assert int(got.min()) >= 0 and int(got.max()) < 2 * block
 
 
+@pytest.mark.parametrize("points, d", [("cross", 12), ("hadamard", 12), ("hadamard", 16), ("simplex", 6)])
+def test_the_sampler_draws_each_point_with_its_probability(points, d):
+    """The draws of one block follow a_j of ``point_probabilities`` (cross and Hadamard through the mixture
+    of a signed coordinate and γ spread evenly; simplex by its cumulative sums): every point's count is
+    within 4.5 binomial standard deviations, over 65,536 draws of a vector with a zero coordinate."""
+    from compressors.bits import unpack_codes
+    from compressors.vqsgd import num_points
+
+    g = _unit(d, seed=d) * 0.8
+    g[1] = 0.0
+    codec = make_codec("vqsgd", {"points": points, "reps": 65536, "block": d})
+    packet = codec.encode(g, _info(d, seed=5))
+    count = num_points(points, d)
+    draws = unpack_codes(packet.fields[1], codec.index_bits(d), 65536).to(torch.int64)
+    freq = torch.bincount(draws, minlength=count).double()
+    a = point_probabilities((g / g.norm()).double().unsqueeze(0), points)[0]
+    sd = (65536 * a * (1 - a)).sqrt()
+    assert freq.numel() == count and torch.all((freq - 65536 * a).abs() <= 4.5 * sd + 1), (freq, 65536 * a)
+
+
 def test_parameters_are_validated():
     with pytest.raises(CodecError, match="choose one of"):
         make_codec("vqsgd", {"points": "octahedron"})
