@@ -197,14 +197,15 @@ def _grads(rank: int, step: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
 
 
-def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, weights, guard: bool, zero_at=None):
-    """Three steps of an exchange; worker ``damage[0]``'s frame is corrupted at step ``damage[1]``; worker
-    ``zero_at[0]``'s gradients have exact zeros at step ``zero_at[1]``."""
+def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, weights, guard: bool, zero_at=None,
+                    fault: FaultKind = FaultKind.CORRUPT):
+    """Three steps of an exchange; worker ``damage[0]``'s frame is corrupted (or lost: ``fault``) at step
+    ``damage[1]``; worker ``zero_at[0]``'s gradients have exact zeros at step ``zero_at[1]``."""
     group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=1,
                             device_frames=on_device)
     out, dropped, residuals, checked = [], [], [], []
     for step in range(3):
-        transport.tamper = (tamper(FaultKind.CORRUPT, 0, transport.rank, step)
+        transport.tamper = (tamper(fault, 0, transport.rank, step)
                             if damage is not None and (transport.rank, step) == damage else None)
         grads = _grads(transport.rank, step)
         if (transport.rank, step) == zero_at:
@@ -221,6 +222,21 @@ def _train_exchange(transport, codec: str, ef: bool, on_device: bool, damage, we
         codec_state = group.policy.default
         residuals.append({k: v.clone() for k, v in getattr(codec_state, "residuals", {}).items()})
     return out, dropped, residuals, checked
+
+
+@pytest.mark.parametrize("codec,ef", [("int8", False), ("topk", True), ("sign", False)])
+def test_a_lost_frame_takes_the_host_parse_for_its_step_and_is_dropped_like_there(codec, ef):
+    """Worker 2's frame is lost at step 1 (nothing arrives): its length differs from every other, so that step
+    is parsed on the host, which drops it; the steps before and after stay on the device."""
+    host = run_local(4, _train_exchange, codec, ef, False, (2, 1), None, False, None, FaultKind.LOSE)
+    device = run_local(4, _train_exchange, codec, ef, True, (2, 1), None, False, None, FaultKind.LOSE)
+    for (h_out, h_drop, h_res, _), (d_out, d_drop, d_res, checked) in zip(host, device):
+        assert checked == [1, 0, 1] and h_drop == d_drop == [[], [2], []]
+        for step in range(3):
+            for k in SHAPES:
+                torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
+            for k in h_res[step]:
+                torch.testing.assert_close(d_res[step][k], h_res[step][k], rtol=1e-6, atol=1e-7)
 
 
 def _guard_receiving(monkeypatch) -> None:
