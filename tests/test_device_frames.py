@@ -542,7 +542,10 @@ def test_cuda_exchanges_of_agreeing_layouts_never_synchronize_and_match_the_cpu(
     import threading
 
     world = 2
-    on_cuda = run_local(world, _cuda_steps, codec, ef, threading.Barrier(world, timeout=60))
+    try:
+        on_cuda = run_local(world, _cuda_steps, codec, ef, threading.Barrier(world, timeout=60))
+    finally:  # a failed step leaves the (global) mode as it was set
+        torch.cuda.set_sync_debug_mode("default")
     on_cpu = run_local(world, _train_exchange, codec, ef, False, None, None, False)
     for steps, (cpu_out, _, _, _) in zip(on_cuda, on_cpu):
         assert [checked for _, checked in steps] == [1, 1, 1]
