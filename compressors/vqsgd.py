@@ -180,7 +180,8 @@ class VQSGD(Codec):
                 rows = fwht(torch.nn.functional.pad(rows, (0, size - m)))
                 safe = safe * math.sqrt(size)
             if self.points == "simplex":
-                index = self._sample(rows / safe, u)
+                index = self._sample_simplex_compiled(rows, safe, u) if rows.device.type == "cpu" \
+                    else self._sample(rows / safe, u)
             elif rows.device.type == "cpu":
                 index = self._sample_cross_compiled(rows, safe, u)
             else:
@@ -194,6 +195,12 @@ class VQSGD(Codec):
         """:meth:`_sample_cross` on the CPU, in one compiled pass per row (the same draws)."""
         index = torch.empty(u.shape, dtype=torch.int64)
         _sample_cross_rows(rows.numpy(), norm.numpy(), u.numpy(), np.float32(math.sqrt(rows.shape[1])), index.numpy())
+        return index
+
+    def _sample_simplex_compiled(self, rows: torch.Tensor, norm: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_sample` for the simplex on the CPU: one compiled pass per row, in float32."""
+        index = torch.empty(u.shape, dtype=torch.int64)
+        _sample_simplex_rows(rows.numpy(), norm.numpy(), u.numpy(), index.numpy())
         return index
 
     def _sample_cross(self, rows: torch.Tensor, norm: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -308,3 +315,46 @@ def _sample_cross_rows(rows, norm, u, root_m, out):
             else:
                 k = np.int64((t - lean) * spread_scale)
                 out[b, r] = min(max(k, 0), 2 * m - 1)
+
+
+@compiled
+def _sample_simplex_rows(rows, norm, u, out):
+    """Simplex draws for rows ``[B, m]`` over their norms ``[B, 1]`` (1 where a row is zero), uniforms
+    ``[B, s]``: the cumulative sums of ``a_k = (√(m(m+1))·x_k + m)/(m(m+1))`` over the m+1 vertices, ``x`` the
+    row's unit vector reflected into R^(m+1) (:func:`_householder_in`), then inverse-CDF per draw; writes the
+    vertex indices ``[B, s]``."""
+    m = rows.shape[1]
+    r = np.float32(np.sqrt(np.float32(m + 1)))
+    scale = np.float32(np.sqrt(np.float32(m) * np.float32(m + 1)))
+    per = np.float32(1.0) / (np.float32(m) * np.float32(m + 1))
+    fm = np.float32(m)
+    zero = np.float32(0.0)
+    cum = np.empty(m + 1, np.float32)
+    for b in range(rows.shape[0]):
+        inv = np.float32(1.0) / norm[b, 0]
+        total = zero
+        for j in range(m):
+            total += rows[b, j]
+        total *= inv
+        shift = total / ((r - np.float32(1.0)) * r)
+        acc = zero
+        for j in range(m):
+            acc += max((scale * (rows[b, j] * inv - shift) + fm) * per, zero)
+            cum[j] = acc
+        acc += max((scale * (total / r) + fm) * per, zero)
+        cum[m] = acc
+        for k in range(u.shape[1]):
+            t = u[b, k] * acc
+            if m < _LINEAR_SEARCH:
+                lo = 0
+                for j in range(m + 1):
+                    lo += np.int64(cum[j] <= t)
+            else:
+                lo = 0
+                size = m + 1
+                while size > 1:
+                    half = size >> 1
+                    lo = lo + half if cum[lo + half] <= t else lo
+                    size -= half
+                lo += 1 if cum[lo] <= t else 0
+            out[b, k] = min(lo, m)

@@ -219,10 +219,12 @@ def test_compiled_cpu_cross_sampler_draws_the_points_of_the_tensor_sampler(block
     assert int(got.min()) >= 0 and int(got.max()) < 2 * block
 
 
-@pytest.mark.parametrize("points, d", [("cross", 12), ("hadamard", 12), ("hadamard", 16), ("simplex", 6)])
+@pytest.mark.parametrize("points, d", [("cross", 12), ("hadamard", 12), ("hadamard", 16), ("simplex", 6),
+                                       ("hadamard", 300), ("simplex", 300)])  # 300: binary search, butterflies
 def test_the_sampler_draws_each_point_with_its_probability(points, d):
     """The draws of one block follow a_j of ``point_probabilities`` (cross and Hadamard through the mixture
-    of a signed coordinate and γ spread evenly; simplex by its cumulative sums): every point's count is
+    of a signed coordinate and γ spread evenly; simplex by its cumulative sums, compiled on the CPU in
+    float32): every point's count is
     within 4.5 binomial standard deviations, over 65,536 draws of a vector with a zero coordinate."""
     from compressors.bits import unpack_codes
     from compressors.vqsgd import num_points
