@@ -40,21 +40,25 @@ class RayqHookState:
     def __init__(self, policy: Policy, process_group: Any = None, seed: int = 0, strategy: str = "auto",
                  model: nn.Module | None = None, measure: bool = False) -> None:
         self.process_group = process_group
-        self.group = CompressedGroup(policy, self._transport(process_group), seed=seed, strategy=strategy)
+        self.group = CompressedGroup(policy, self._transport(process_group, ready=True), seed=seed, strategy=strategy)
         self.names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.step = 0
         self.measure = measure
         self.ledger = Ledger()
 
     @staticmethod
-    def _transport(process_group: Any) -> "TorchTransport | None":
+    def _transport(process_group: Any, ready: bool = False) -> "TorchTransport | None":
+        """The hook's transport. On NCCL, with ``ready`` (every member is constructing its state, as in
+        :func:`register`), frame sizes go over a gloo group made here, between host memories; otherwise
+        they stay on the data group (a group made lazily inside the hook would be a collective call from
+        the autograd engine, and an unpickled state may be on one process only)."""
         if not dist.is_initialized():
             return None
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
-        # frame sizes stay on the data group: a second (gloo) group made lazily inside a DDP comm hook is
-        # a collective call from the autograd engine, which no GPU run has tried yet
-        return TorchTransport(device, group=process_group, host_control=False)
+        nccl = dist.get_backend(process_group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        transport = TorchTransport(device, group=process_group, host_control=nccl and ready)
+        transport.open_control()
+        return transport
 
     def take_ledger(self) -> Ledger:
         """What the hook moved since the last call; resets the running ledger."""

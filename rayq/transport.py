@@ -272,13 +272,18 @@ class TorchTransport(Transport):
         self.dist.all_gather(outs, t, group=self.group)
         return outs
 
-    def _gather_rows(self, row: list[int]) -> list[list[int]]:
-        if not self.host_control:
-            return super()._gather_rows(row)
-        if self._control is None:  # only this group's members meet here, all at their first exchange
+    def open_control(self) -> None:
+        """Make the host control group now (a collective of this group's members; otherwise it is made at the
+        first exchange): before a DDP comm hook runs, say, whose exchanges happen inside autograd."""
+        if self.host_control and self._control is None:
             ranks = self.dist.get_process_group_ranks(self.group) if self.group is not None \
                 else list(range(self.dist.get_world_size()))
             self._control = self.dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+
+    def _gather_rows(self, row: list[int]) -> list[list[int]]:
+        if not self.host_control:
+            return super()._gather_rows(row)
+        self.open_control()  # only this group's members meet here, all at their first exchange
         outs = [torch.empty(len(row), dtype=torch.int64) for _ in range(self.world)]
         self.dist.all_gather(outs, torch.tensor(row, dtype=torch.int64), group=self._control)
         return [o.tolist() for o in outs]

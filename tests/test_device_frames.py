@@ -440,11 +440,13 @@ def _sizes_over_host_control(rank: int, world: int) -> list:
     from rayq.transport import TorchTransport
 
     t = TorchTransport(host_control=True)
+    t.open_control()  # made before any exchange (as the DDP hook's state does), then used by it
+    made = t._control
     frame = torch.full((10 + 7 * rank,), rank, dtype=torch.uint8)
     frames, tags = t.all_gather_tagged(frame, (1 << 31) - 1 - rank)
     chunks = [torch.full((3 * rank + dst,), 10 * rank + dst, dtype=torch.uint8) for dst in range(world)]
     got = t.all_to_all_frames(chunks)  # its size matrix goes over the host group too
-    return [f.tolist() for f in frames] + [tags, t._control is not None, [g.tolist() for g in got]]
+    return [f.tolist() for f in frames] + [tags, made is not None and t._control is made, [g.tolist() for g in got]]
 
 
 def test_frame_sizes_and_layout_tags_travel_on_a_host_control_group_beside_the_data_group():
