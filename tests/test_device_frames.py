@@ -512,25 +512,27 @@ def _cuda_exchange(transport):
 
 
 def _cuda_steps(transport, codec: str, ef: bool, barrier):
-    """Step 0 warms up (CUDA context, generators, cached tables); steps 1 and 2 run with every synchronizing
-    CUDA call an error, on both workers (the mode is global: the workers meet at ``barrier`` around it)."""
+    """Step 0 warms up (CUDA context, generators, cached tables); the exchanges of steps 1 and 2 run with
+    every synchronizing CUDA call an error, on both workers (the mode is global: the workers meet at
+    ``barrier`` around it). Inputs are put on the device before, and results read after."""
     transport.device = torch.device("cuda")
     group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=1)
+    inputs = [{k: v.cuda() for k, v in _grads(transport.rank, step).items()} for step in range(3)]
+    torch.cuda.synchronize()
     out = []
     for step in range(3):
-        grads = {k: v.cuda() for k, v in _grads(transport.rank, step).items()}
-        if step == 1:
-            torch.cuda.synchronize()
+        strict = step > 0
+        if strict:
             if barrier.wait() == 0:
                 torch.cuda.set_sync_debug_mode("error")
             barrier.wait()
         try:
-            avg, ledger = group.allreduce_mean(grads, step)
+            avg, ledger = group.allreduce_mean(inputs[step], step)
         finally:
-            if step == 2 and barrier.wait() == 0:
-                torch.cuda.set_sync_debug_mode("default")
-        if step == 2:
-            barrier.wait()
+            if strict:
+                if barrier.wait() == 0:
+                    torch.cuda.set_sync_debug_mode("default")
+                barrier.wait()
         checked = len(ledger.unchecked)
         ledger.resolve()
         out.append(({k: v.cpu() for k, v in avg.items()}, checked))
