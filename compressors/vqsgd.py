@@ -253,10 +253,12 @@ class VQSGD(Codec):
             total = torch.zeros((blocks, size), dtype=torch.float32, device=norms.device)
             total.scatter_add_(1, index % size, 1.0 - 2.0 * (index >= size).to(torch.float32))
             out = fwht(total)[:, :m].mul_((norms / self.reps).unsqueeze(1))
-        else:
+        else:  # simplex: sum_points written out in place, (hits_<m + hits_m/(r−1) − s(1 + 1/(r−1))/(m+1))·√(m(m+1))
             hits = torch.zeros((blocks, count), dtype=torch.float32, device=norms.device)
             hits.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
-            out = self.sum_points(hits, m) * (norms / self.reps).unsqueeze(1)   # Σ_j c_{J_j} per block
+            r = math.sqrt(m + 1)
+            out = hits[:, :m].add_(hits[:, m:], alpha=1 / (r - 1)).sub_(self.reps / (m + 1) * (1 + 1 / (r - 1)))
+            out.mul_((norms * (math.sqrt(m * (m + 1)) / self.reps)).unsqueeze(1))
         return out.reshape(-1)[:n]
 
     def sum_points(self, hits: torch.Tensor, m: int) -> torch.Tensor:

@@ -241,6 +241,23 @@ def test_the_sampler_draws_each_point_with_its_probability(points, d):
     assert freq.numel() == count and torch.all((freq - 65536 * a).abs() <= 4.5 * sd + 1), (freq, 65536 * a)
 
 
+@pytest.mark.parametrize("points", ["cross", "hadamard", "simplex"])
+def test_decoding_sums_the_drawn_points_of_each_block(points):
+    """Each decoder's own arithmetic equals the sum of the drawn points (``sum_points``) times norm/s."""
+    from compressors.bits import unpack_codes
+
+    codec = make_codec("vqsgd", {"points": points, "reps": 5, "block": 24})
+    x = torch.randn(24 * 7 + 5, generator=torch.Generator().manual_seed(1))
+    info = _info(x.numel(), seed=2)
+    packet = codec.encode(x, info)
+    norms, blocks = packet.fields[0], packet.fields[0].numel()
+    index = unpack_codes(packet.fields[1], codec.index_bits(x.numel()), blocks * 5).to(torch.int64).view(blocks, 5)
+    hits = torch.zeros(blocks, 48 if points == "cross" else 64 if points == "hadamard" else 25)
+    hits.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    want = (codec.sum_points(hits, 24) * (norms / 5).unsqueeze(1)).reshape(-1)[:x.numel()]
+    torch.testing.assert_close(codec.decode(packet, info), want, rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_are_validated():
     with pytest.raises(CodecError, match="choose one of"):
         make_codec("vqsgd", {"points": "octahedron"})
