@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from compressors.base import mix_seed
 from compressors.policy import Override, Policy
+from compressors.staging import to_device
 from rayq import checkpoint as ckpt
 from rayq.collective import CompressedGroup, Ledger
 from rayq.config import RunConfig, from_dict
@@ -188,6 +189,11 @@ class Run:
             self.device = torch.device("cpu")
         self.task = get_task(cfg.task)
         self.train, self.test = self.task.load(cfg.data_dir)
+        #: On a GPU the training set (up to 2 GiB) is also copied there once, and batches are taken on the
+        #: device: a copy from pageable host memory at every step would make the host wait for the device.
+        self._on_device = None
+        if self.device.type == "cuda" and self.train.x.numel() * self.train.x.element_size() <= 2 << 30:
+            self._on_device = (self.train.x.to(self.device), self.train.y.to(self.device))
         self.plan = make_plan(cfg, len(self.train), self.world)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.task).to(self.device)
@@ -262,6 +268,9 @@ class Run:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, i = divmod(step, self.plan.steps_per_epoch)
         idx = batch_indices(self.cfg.seed, epoch, i, self.rank, self.world, len(self.train), self.plan.batch_size)
+        if self._on_device is not None:
+            idx = to_device(idx, torch.int64, self.device)
+            return self._on_device[0][idx], self._on_device[1][idx]
         return self.train.x[idx].to(self.device), self.train.y[idx].to(self.device)
 
     def measuring(self, step: int) -> bool:
