@@ -56,6 +56,13 @@ class Packet:
     fields: tuple[torch.Tensor, ...]
 
     def _header(self) -> bytes:
+        """The header's bytes, made once per packet (framing, the layout digest and ``nbytes`` all need them)."""
+        header = self.__dict__.get("_header_bytes")
+        if header is None:
+            header = self.__dict__["_header_bytes"] = self._make_header()  # frozen: bypass __setattr__
+        return header
+
+    def _make_header(self) -> bytes:
         name = self.codec.encode("ascii")
         if len(name) > 255:
             raise PacketError(f"codec name too long for a packet header: {self.codec!r}")

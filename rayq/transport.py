@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from compressors.staging import to_device
 
 class Purpose(str, enum.Enum):
     PAYLOAD = "payload"   # codec packets
@@ -153,7 +154,7 @@ class Transport:
     def _gather_rows(self, row: list[int]) -> list[list[int]]:
         """Every worker's ``row`` of host integers (the same length on every worker, 8 bytes each), in rank
         order. Subclasses with a host-side group keep them off the device."""
-        rows = self._all_gather(torch.tensor(row, dtype=torch.int64, device=self.device))
+        rows = self._all_gather(to_device(row, torch.int64, self.device))
         return torch.stack(rows).tolist()
 
     def _sizes(self, n: int, tag: int = 0) -> tuple[list[int], list[int]]:
