@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayq.collective import Ledger
-from rayq.ledger import Clock, read_spans
 from rayq.errors import NonFiniteGradientError
 from rayq.faults import StepFaults
+from rayq.ledger import Clock, Ledger, read_spans
 from rayq.transport import Purpose, Transport
 
 
