@@ -190,10 +190,6 @@ class CompressedGroup:
         by_route: dict[str, list[Entry]] = {}
         for e in plan:
             by_route.setdefault(self._routes[e.key], []).append(e)
-        if entries is not None:  # routes of the entries of a plan made earlier from every tensor
-            by_route = {}
-            for e in plan:
-                by_route.setdefault(self._routes[e.key], []).append(e)
         averaged: dict[str, torch.Tensor] = {}
         reducers = {"allreduce": self._linear, "allgather": self._gather, "two_phase": self._two_phase}
         for name, entries in by_route.items():
