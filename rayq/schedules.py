@@ -20,8 +20,9 @@ Every schedule is checkpointable (``state_dict``) and reports its own figures (`
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
@@ -89,7 +90,8 @@ class EveryStep:
             index = {n: i for i, (n, _) in enumerate(self.replica.params)}
             plan = self.group.plan({n: p.detach() for n, p in self.replica.params})
             by_name = dict(self.replica.params)
-            units = [_Unit(e, [by_name[m] for m in e.members]) for e in plan]  # in the entry's member order
+            self._side = SideStream(self.replica.params[0][1].device)
+            units = [_Unit(e, [by_name[m] for m in e.members], self._side) for e in plan]  # members in entry order
             units.sort(key=lambda u: -min(index[m] for m in u.entry.members))  # the order backward completes them
             for u in units:
                 for p in u.params:
@@ -99,6 +101,8 @@ class EveryStep:
 
     def _overlapped(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward) -> Outcome:
         units = self._prepare_units()
+        side = self._side
+        side.begin()
         for u in units:
             u.arm()
         results: list[tuple[dict[str, torch.Tensor], Ledger]] = []
@@ -106,11 +110,16 @@ class EveryStep:
 
         def communicate() -> None:
             try:
-                for u in units:
-                    u.done.wait()
-                    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                             for n, p in zip(u.entry.members, u.params)}
-                    results.append(self.group.allreduce_entries([u.entry], grads, step, measure, weights_of(faults)))
+                with side.active():
+                    for u in units:
+                        u.done.wait()
+                        side.wait(u.event)  # the device too waits for backward's kernels of this unit
+                        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                                 for n, p in zip(u.entry.members, u.params)}
+                        out, part = self.group.allreduce_entries([u.entry], grads, step, measure,
+                                                                 weights_of(faults))
+                        side.hand_over(out.values())
+                        results.append((out, part))
             except BaseException as err:  # noqa: BLE001 - re-raised on the training thread
                 failure.append(err)
 
@@ -121,11 +130,13 @@ class EveryStep:
         try:
             loss = backward()
         finally:
-            for u in units:  # a parameter that got no gradient never fires its hook
-                u.done.set()
+            for u in units:  # a parameter that got no gradient never fires its hook: ready after backward
+                if not u.done.is_set():
+                    u.ready_all()
         compute = (t0, clock.now())
         started = compute[1]
         thread.join()
+        side.join()  # the update (on the training stream) waits for the exchange's kernels
         if failure:
             raise failure[0]
         averaged: dict[str, torch.Tensor] = {}
@@ -181,23 +192,80 @@ class EveryStep:
 
 
 class _Unit:
-    """One entry of the plan in an overlapped exchange: ready once backward has produced all its gradients."""
+    """One entry of the plan in an overlapped exchange: ready once backward has produced all its gradients.
+    ``event`` marks that point on the stream that produced them (None on the CPU)."""
 
-    def __init__(self, entry: Any, params: list[torch.nn.Parameter]) -> None:
-        self.entry, self.params = entry, params
+    def __init__(self, entry: Any, params: list[torch.nn.Parameter], side: SideStream) -> None:
+        self.entry, self.params, self.side = entry, params, side
         self.done = threading.Event()
+        self.event: Any = None
         self._left = len(params)
         self._lock = threading.Lock()
 
     def arm(self) -> None:
         self.done.clear()
+        self.event = None
         self._left = len(self.params)
 
     def ready_one(self, _param: torch.Tensor) -> None:
         with self._lock:
             self._left -= 1
             if self._left == 0:
-                self.done.set()
+                self.ready_all()
+
+    def ready_all(self) -> None:
+        self.event = self.side.mark()  # on the calling thread's current stream: autograd's, or the training one
+        self.done.set()
+
+
+class SideStream:
+    """The CUDA stream an overlapped exchange runs on, beside backward's, as DDP's reducer does.
+
+    On one stream the exchange's encode and decode kernels would queue behind the rest of backward and
+    only the collectives (on NCCL's own stream) would overlap it. Here each unit's exchange waits on the
+    device for the event marked when its gradients were produced (:meth:`wait`), its results are handed
+    to the training stream (:meth:`hand_over`: the caching allocator keeps their memory until that stream
+    is done with them), and the training stream waits for the whole exchange before the update
+    (:meth:`join`). On the CPU there are no streams and every method does nothing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.main: Any = None
+
+    def begin(self) -> None:
+        """Called on the training thread before backward: its current stream is the one to hand back to."""
+        if self.stream is not None:
+            self.main = torch.cuda.current_stream(self.device)
+
+    def mark(self) -> Any:
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()  # the current stream of the calling thread (the autograd engine sets it per gradient)
+        return event
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Make the side stream the communication thread's current stream (and its device current)."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
+
+    def wait(self, event: Any) -> None:
+        if self.stream is not None and event is not None:
+            self.stream.wait_event(event)
+
+    def hand_over(self, tensors: Iterable[torch.Tensor]) -> None:
+        if self.stream is not None:
+            for t in tensors:
+                t.record_stream(self.main)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
 
 
 # ---------------------------------------------------------------------------------------- model averaging

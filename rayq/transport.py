@@ -321,11 +321,33 @@ class LocalHub:
         return LocalTransport(self, rank, gather)
 
     def exchange(self, rank: int, item: Any) -> list:
-        self.slots[rank] = item
+        """Every worker's ``item``. CUDA tensors among them are handed across streams as a collective
+        would: a reader's stream waits for the writer's (an event), and the memory stays reserved until
+        the reader's stream has used it (workers may run on streams of their own, e.g. a side stream)."""
+        tensors = [t for t in _leaves(item) if t.is_cuda]
+        event = None
+        if tensors:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(tensors[0].device))
+        self.slots[rank] = (item, event, tensors)
         self.barrier.wait()
-        items = list(self.slots)
+        slots = list(self.slots)
         self.barrier.wait()
-        return items
+        for w, (_, theirs, shared) in enumerate(slots):
+            if theirs is not None and w != rank:
+                stream = torch.cuda.current_stream(shared[0].device)
+                stream.wait_event(theirs)
+                for t in shared:
+                    t.record_stream(stream)
+        return [it for it, _, _ in slots]
+
+
+def _leaves(item: Any) -> list[torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        return [item]
+    if isinstance(item, (list, tuple)):
+        return [t for x in item for t in _leaves(x)]
+    return []
 
 
 class LocalTransport(Transport):

@@ -378,6 +378,130 @@ def _overlap_run(transport, codec: str, overlap: bool, bucket_mb, weights):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), sent, exposed
 
 
+class _LoggedSide:
+    """Stands in for :class:`rayq.schedules.SideStream` on the CPU: every call is logged with its thread and
+    whether the side stream was current, so the order a GPU run relies on can be checked."""
+
+    def __init__(self, device: torch.device) -> None:
+        import threading
+
+        self.log: list[tuple] = []
+        self.local = threading.local()
+        self.marks = 0
+        _LoggedSide.made.append(self)
+
+    def _add(self, *what) -> None:
+        import threading
+
+        self.log.append((*what, threading.current_thread().name, getattr(self.local, "on", False)))  # (..., thread, on side)
+
+    def begin(self) -> None:
+        self._add("begin")
+
+    def mark(self) -> str:
+        self.marks += 1
+        self._add("mark", f"e{self.marks}")
+        return f"e{self.marks}"
+
+    def active(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on():
+            self.local.on = True
+            try:
+                yield
+            finally:
+                self.local.on = False
+        return on()
+
+    def wait(self, event) -> None:
+        self._add("wait", event)
+
+    def hand_over(self, tensors) -> None:
+        self._add("hand_over", len(list(tensors)))
+
+    def join(self) -> None:
+        self._add("join")
+
+
+class _WithUnused(torch.nn.Module):
+    """The digits MLP and a layer the forward pass never uses (its hook never fires)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.unused = _model(), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _overlap_logged(transport):
+    model = _WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    group = CompressedGroup(Policy("topk", error_feedback=True, min_numel=0, bucket_mb=0.005), transport, seed=2)
+    schedule = EveryStep(Replica(model, opt), group, overlap=True)
+    exchange, apply = group.allreduce_entries, schedule.replica.apply
+    x, y = _shard(transport.rank, transport.world)
+    side = []
+
+    def logged_exchange(entries, *a, **kw):
+        side[0]._add("exchange", entries[0].key)
+        return exchange(entries, *a, **kw)
+
+    def logged_apply(*a, **kw):
+        side[0]._add("apply")
+        return apply(*a, **kw)
+
+    group.allreduce_entries, schedule.replica.apply = logged_exchange, logged_apply
+    for step in range(2):
+        def backward():
+            if not side:
+                side.append(schedule._side)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[:16]), y[:16])
+            loss.backward()
+            side[0]._add("backward_done")
+            return loss
+
+        schedule.step(step, None, measure=False, backward=backward)
+    waiting = sum(any(m.startswith("unused.") for m in u.entry.members) for u in schedule._units)
+    return side[0].log, len(schedule._units), waiting
+
+
+def test_an_overlapped_exchange_waits_for_each_units_gradients_on_the_device_and_the_update_for_the_exchange(
+        monkeypatch):
+    """What a GPU's streams rely on, in the order a CUDA run issues it: each unit's gradients are marked on the
+    stream that produced them; the communication thread (on the side stream) waits for that mark before it
+    reads them; its results are handed to the training stream; the training stream waits for the whole
+    exchange before the update. A parameter without a gradient is marked after backward."""
+    import rayq.schedules
+
+    _LoggedSide.made = []
+    monkeypatch.setattr(rayq.schedules, "SideStream", _LoggedSide)
+    for log, n_units, waiting in run_local(2, _overlap_logged):
+        assert n_units >= 3 and waiting == 1  # small buckets: several units, one holding the unused layer
+        steps = [i for i, entry in enumerate(log) if entry[0] == "begin"]
+        assert len(steps) == 2 and steps[0] == 0
+        for start, end in zip(steps, steps[1:] + [len(log)]):
+            one = log[start:end]
+            assert one[-1][0] == "apply" and one[-2][0] == "join"
+            assert one[-2][-2] == one[0][-2] and not one[-2][-1]  # joined on the training thread, off the side stream
+            marks = [e for e in one if e[0] == "mark"]
+            waits = [e for e in one if e[0] == "wait"]
+            assert len(marks) == len(waits) == n_units
+            comm = [e for e in one if e[0] in ("wait", "exchange", "hand_over")]
+            assert all(e[-2] == "rayq-overlap" and e[-1] for e in comm)  # all on the side stream, in its thread
+            # wait(e_k) -> exchange -> hand_over, unit after unit, and never before e_k was marked
+            assert [e[0] for e in comm] == ["wait", "exchange", "hand_over"] * n_units
+            for w in waits:
+                assert one.index(next(m for m in marks if m[1] == w[1])) < one.index(w)
+            assert all(m[-2] != "rayq-overlap" and not m[-1] for m in marks)
+            # the unit with the unused layer is ready only when backward is over; the others during it
+            done = one.index(next(e for e in one if e[0] == "backward_done"))
+            assert sum(one.index(m) > done for m in marks) == waiting
+
+
 @pytest.mark.parametrize("codec, bucket_mb, weights", [("none", None, None), ("qsgd", None, None),
                                                        ("qsgd", 0.005, None), ("topk", 0.005, [1.0, 0.0, 1.0])])
 def test_overlapping_the_exchange_with_backward_changes_nothing_but_the_timing(codec, bucket_mb, weights):
