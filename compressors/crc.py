@@ -105,7 +105,7 @@ def _block_table(device: torch.device) -> torch.Tensor:
         for _ in range(BLOCK - 1):
             rows.append(_zero_byte(rows[-1]))
         table = np.stack(rows[::-1]).astype(np.int64).reshape(-1)
-        _DEVICE_TABLES[key] = to_device(torch.from_numpy(table), torch.int64, device)
+        _DEVICE_TABLES[key] = to_device(table, torch.int64, device)
     return _DEVICE_TABLES[key]
 
 
@@ -115,7 +115,7 @@ def _shift_table(level: int, device: torch.device) -> torch.Tensor:
     if key not in _DEVICE_TABLES:
         cols = _power(level + BLOCK.bit_length() - 1)
         values = np.arange(256, dtype=np.uint64)[None, :] << (np.uint64(8) * np.arange(4, dtype=np.uint64)[:, None])
-        _DEVICE_TABLES[key] = to_device(torch.from_numpy(_apply(cols, values).astype(np.int64).reshape(-1)),
+        _DEVICE_TABLES[key] = to_device(_apply(cols, values).astype(np.int64).reshape(-1),
                                         torch.int64, device)
     return _DEVICE_TABLES[key]
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
-def to_device(values: bytes | bytearray | Sequence[int] | Sequence[float] | torch.Tensor, dtype: torch.dtype,
-              device: torch.device | str) -> torch.Tensor:
+def to_device(values: bytes | bytearray | Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor,
+              dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``values`` (bytes are read as uint8; a tensor must be on the CPU) as a tensor of ``dtype`` on ``device``,
     queued on its current stream without waiting for the device."""
     if isinstance(values, torch.Tensor):
         host = values.to(dtype)
+    elif isinstance(values, np.ndarray):
+        host = torch.from_numpy(values).to(dtype)
     elif isinstance(values, (bytes, bytearray)):
         host = torch.frombuffer(bytearray(values), dtype=torch.uint8) if values else torch.empty(0, dtype=torch.uint8)
         host = host.view(dtype) if dtype != torch.uint8 else host

@@ -128,6 +128,7 @@ def _householder_out(y: torch.Tensor) -> torch.Tensor:
 class VQSGD(Codec):
     name: ClassVar[str] = "vqsgd"
     kind: ClassVar[Kind] = Kind.GATHER
+    fixed_layout: ClassVar[bool] = True
     summary: ClassVar[str] = "unbiased vector quantiser: s sampled points per block + block norm"
     source: ClassVar[str] = "Gandikota, Kane, Maity, Mazumdar: vqSGD, AISTATS 2021"
 

@@ -24,8 +24,8 @@ Frames on a GPU stay there. Each packet's CRC-32 is computed with tensor operati
 frame's length travels with a digest of its headers (:func:`compressors.layout_tag`, in the same control
 word); when every worker's frame has this worker's length and digest, receivers check and slice the
 gathered frames on the device too (:func:`compressors.read_frames`): at every step for codecs with a fixed
-layout (:attr:`Codec.fixed_layout`: int8, qsgd, terngrad, topk, with or without error feedback), and in
-every step whose layouts agree for the others (always for vqsgd; sign without exact zeros, laq with R > 0).
+layout (:attr:`Codec.fixed_layout`: int8, laq, qsgd, terngrad, topk, vqsgd, with or without error
+feedback), and in every step whose layouts agree for the others (sign when no worker has exact zeros).
 A frame that fails the check gets weight 0 in the aggregate and its sender's memory is kept, all decided on
 the device; the host learns which frames were dropped at the end of the step (:meth:`Ledger.resolve`),
 when the training loop reads the loss anyway. Frames whose layouts differ are parsed on the host.

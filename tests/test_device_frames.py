@@ -25,16 +25,18 @@ from tests.host_reads import HostRead, no_host_reads
 
 ALL_CODECS = sorted(compressors.REGISTRY)
 FIXED = [n for n in ALL_CODECS if make_codec(n).fixed_layout]
-#: Codecs whose layout depends on the values only in corner cases (exact zeros, R = 0) or not at all, and
-#: whose decoders read nothing back: their frames are checked and sliced on the device whenever the layouts
-#: agree, and decoded there.
-AGREEING = ["ef_sign", "laq", "sign", "vqsgd"]
+#: Codecs whose layout depends on the values only in a corner case (exact zeros), and whose decoders read
+#: nothing back: their frames are checked and sliced on the device whenever the layouts agree, and decoded there.
+AGREEING = ["ef_sign", "sign"]
 #: Parameter sets a fixed-layout claim must hold for (each codec's claim may depend on them).
 VARIANTS = {
     "int8": [{}, {"bits": 4, "mode": "affine", "block": 100}, {"rounding": "stochastic"}],
+    "laq": [{}, {"bits": 2}, {"bits": 12}],
     "qsgd": [{}, {"levels": 3, "bucket": 100}],
     "terngrad": [{}],
     "topk": [{}, {"density": 0.3}],
+    "vqsgd": [{}, {"points": "simplex", "block": 64}, {"points": "hadamard", "block": 24},
+              {"points": "cross", "block": 3, "reps": 5}],
 }
 
 
@@ -121,8 +123,8 @@ def test_fixed_layout_codecs_write_one_header_for_any_values_and_decode_without_
 
 @pytest.mark.parametrize("name", AGREEING)
 def test_codecs_whose_layouts_usually_agree_decode_without_host_reads(name):
-    """Inputs without exact zeros, with R > 0: one header for all, and decoding reads nothing back (sign's zero
-    count is implied by an empty list of zero positions; vqsgd's 2m points leave no code out of range)."""
+    """Inputs without exact zeros: one header for all, and decoding reads nothing back (sign's zero
+    count is implied by an empty list of zero positions)."""
     n, codec = 2000, make_codec(name)
     headers = set()
     for step, x in enumerate([torch.randn(n), torch.full((n,), 3.0), torch.randn(n) * 1e-30,
@@ -134,8 +136,7 @@ def test_codecs_whose_layouts_usually_agree_decode_without_host_reads(name):
             out = codec.decode(packet, info)
         torch.testing.assert_close(out, codec.decode(Packet.from_bytes(packet.to_bytes()), info), rtol=0, atol=0)
     assert len(headers) == 1, name
-    assert not make_codec(name).fixed_layout  # exact zeros or R = 0 change sign's and laq's headers; vqsgd's
-    #                                           range check reads the codes for point sets of other sizes
+    assert not make_codec(name).fixed_layout  # exact zeros change sign's header
 
 
 def test_layout_tags_tell_layouts_apart_from_shapes_alone():
@@ -253,14 +254,14 @@ def _guard_receiving(monkeypatch) -> None:
 @pytest.mark.parametrize("codec,ef,guard", [
     ("int8", False, "exchange"), ("qsgd", False, "exchange"), ("terngrad", False, "exchange"),
     ("topk", True, "exchange"), ("qsgd", True, "exchange"), ("vqsgd", False, "exchange"),
-    ("sign", False, "receive"), ("ef_sign", True, "receive"), ("laq", False, "receive")])
+    ("laq", False, "exchange"), ("sign", False, "receive"), ("ef_sign", True, "receive")])
 def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_a_corrupted_frame(codec, ef, guard,
                                                                                                   monkeypatch):
     """Worker 2's frame is corrupted at step 1: both paths drop it on every worker, keep its sender's error
     feedback memory, and give the same averages; the device path does it without one host read, encoding
     included (topk, terngrad and vqsgd take the paths they take off the CPU: the compiled CPU passes read
-    arrays). sign, ef_sign and laq read one value each when encoding (whether there are exact zeros; whether
-    R = 0), which decides their layout; from the gathered frames on they read nothing either."""
+    arrays). sign and ef_sign read one value each when encoding (whether there are exact zeros), which
+    decides their layout; from the gathered frames on they read nothing either."""
     monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
     monkeypatch.setattr(TernGrad, "_pack_compiled", TernGrad._pack_tensor)
     monkeypatch.setattr(VQSGD, "_sample_cross_compiled", VQSGD._sample_cross)

@@ -140,6 +140,18 @@ def test_laq_quantizer_error_is_within_tau_r_and_codes_in_range(bits):
     assert float((decoded - v).abs().max()) <= tau * float(radius) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 12])
+def test_laq_a_zero_innovation_sends_its_codes_all_decoding_to_zero(bits):
+    """R = 0: the same layout as any other innovation (R and b bits per coordinate, nothing read back to lay
+    it out), and δQ = 0 exactly."""
+    q = make_codec("laq", {"bits": bits})
+    info = TensorInfo("v", (1000,))
+    zero, other = q.encode(torch.zeros(1000), info), q.encode(torch.randn(1000), info)
+    assert zero._header() == other._header() and zero.fields[1].numel() == -(-1000 * bits // 8)
+    assert float(zero.fields[0]) == 0.0
+    assert torch.equal(q.decode(zero, info), torch.zeros(1000))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 12, 16])
 @pytest.mark.parametrize("n", [1, 7, 70_001])
 def test_laq_sliced_encoder_and_table_decoder_follow_the_formula_bit_for_bit(bits, n):
