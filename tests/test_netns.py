@@ -115,6 +115,35 @@ def test_the_partition_watcher_sees_evaluations_and_skips_a_half_written_line(tm
     assert _steps_done(trace) == [9, 10]
 
 
+def test_the_rank_recorder_wraps_run_end_as_the_trainers_call_it(tmp_path):
+    """``bench links`` wraps ``Run.end`` in every worker: the wrapper must take what the trainers pass
+    (``run.end(step, loss, outcome, faults)``), record the step's own collectives (booking adds reports and
+    evaluations) and the times the booking resolved (on a GPU they are device spans read there)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from rayq.launch.bench_links import _recording
+    from rayq.ledger import Ledger
+    from rayq.replica import Outcome
+    from rayq.run import Run
+
+    inspect.signature(Run.end).bind(object(), 3, None, None, None)  # the trainers' call
+    booked = []
+
+    def end(run, step, loss, outcome, faults=None):
+        booked.append((step, loss, faults))
+        outcome.compute_s, outcome.ledger.comm_s = 0.25, 0.125  # resolved by the booking
+        outcome.ledger.wire.append("report")
+
+    ledger = Ledger(rank=1)
+    ledger.wire.extend(["gather", "allreduce"])
+    run = SimpleNamespace(run_dir=tmp_path, rank=1)
+    _recording(end)(run, 3, "loss", Outcome(ledger, True, True), "faults")
+    assert booked == [(3, "loss", "faults")]
+    row = json.loads((tmp_path / "ranks" / "rank1.jsonl").read_text())
+    assert (row["step"], row["compute_s"], row["comm_s"], row["n_wire"]) == (4, 0.25, 0.125, 2)
+
+
 def _comparison(config: str, real: float, reached: bool = True) -> Comparison:
     steps = [StepTimes(s, real / 2, real / 4, real / 4, real / 4, real / 2) for s in (2, 3)]
     return Comparison(config, "p", steps, {3: 0.95 if reached else 0.5}, 0.9)

@@ -57,14 +57,15 @@ def links_sweep(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _recording(end: Any) -> Any:
-    def recorded(run: Any, step: int, loss: Any, outcome: Any, compute_s: float, faults: Any = None) -> None:
-        n_wire, comm_s = len(outcome.ledger.wire), outcome.ledger.comm_s
-        end(run, step, loss, outcome, compute_s, faults)
+    """``Run.end`` that also appends this rank's step record (whatever else the trainer passes it)."""
+    def recorded(run: Any, step: int, loss: Any, outcome: Any, *args: Any, **kwargs: Any) -> None:
+        n_wire = len(outcome.ledger.wire)  # the step's exchange; booking it adds reports and evaluations
+        end(run, step, loss, outcome, *args, **kwargs)  # books the step: its device times are read by now
         path = run.run_dir / "ranks" / f"rank{run.rank}.jsonl"
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
-            f.write(json.dumps({"step": step + 1, "t": time.perf_counter(), "compute_s": compute_s,
-                                "comm_s": comm_s, "n_wire": n_wire}) + "\n")
+            f.write(json.dumps({"step": step + 1, "t": time.perf_counter(), "compute_s": outcome.compute_s,
+                                "comm_s": outcome.ledger.comm_s, "n_wire": n_wire}) + "\n")
 
     recorded.records_ranks = True  # type: ignore[attr-defined]
     return recorded
