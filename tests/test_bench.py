@@ -77,3 +77,47 @@ def test_bench_codecs_cuda_only_excludes_cpu_only_and_needs_cuda(tmp_path, capsy
         assert main(["bench", "codecs", "--cuda-only", "--out", str(tmp_path)]) == 2
         assert "--cuda-only needs a CUDA device" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bench_overhead_times_rayq_and_ddp_in_one_worker_group(ray_session, tmp_path):
+    out = tmp_path / "overhead"
+    runs = ["ddp-allreduce", "rayq-none", "rayq-none-overlap", "rayq-qsgd"]
+    argv = ["bench", "overhead", "--task", "digits", "--workers", "2", "--steps", "10", "--skip", "2",
+            "--runs", ",".join(runs), "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "overhead.json").read_text())
+    rows = {r["run"]: r for r in data["rows"]}
+    assert list(rows) == runs and (data["task"], data["workers"], data["steps"]) == ("digits", 2, 10)
+    for r in rows.values():
+        assert r["steps"] == 8 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"], r
+        assert r["compute_ms"] > 0 and r["exposed_comm_ms"] >= 0 and r["encode_ms"] >= 0 and r["decode_ms"] >= 0
+    assert rows["rayq-qsgd"]["encode_ms"] > 0 and rows["rayq-qsgd"]["decode_ms"] > 0  # stages timed per step
+    md = (out / "overhead.md").read_text()
+    assert md.count("\n") == len(runs) + 2 and "| 1.000 |" in md.splitlines()[2]  # DDP's row is the base
+    assert (out / "overhead.png").stat().st_size > 10_000
+    assert main(["bench", "overhead", "--runs", "rayq-none,bogus", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bench_schedules_matches_cpsgd_to_adpsgd_syncs_over_seeds(tmp_path, capsys):
+    out = tmp_path / "schedules"
+    argv = ["bench", "schedules", "--codecs", "none;qsgd:levels=3", "--seeds", "2", "--steps", "24", "--workers", "2",
+            "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "schedules.json").read_text())
+    assert [(r["codec"], r["seed"], r["schedule"]) for r in rows] == [
+        (c, s, k) for c in ("none", "qsgd") for s in (0, 1) for k in ("adaptive", "periodic")]
+    for adaptive, periodic in zip(rows[::2], rows[1::2]):
+        assert periodic["period"] == max(1, round(24 / adaptive["syncs"]))  # the same sync budget
+        assert abs(periodic["syncs"] - adaptive["syncs"]) <= max(2, adaptive["syncs"] // 4)
+        for r in (adaptive, periodic):
+            assert math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 and r["bytes_up"] > 0
+    none_bytes = sum(r["bytes_up"] / r["syncs"] for r in rows if r["codec"] == "none")
+    qsgd_bytes = sum(r["bytes_up"] / r["syncs"] for r in rows if r["codec"] == "qsgd")
+    assert qsgd_bytes < none_bytes / 4  # 3 levels: 3 bits per element against 32
+    md = (out / "schedules.md").read_text()
+    assert md.count("\n") == 2 + 4 and "| qsgd | ADPSGD" in md
+    capsys.readouterr()
+    assert main(["bench", "schedules", "--codecs", "none;qsgd:levels", "--out", str(out)]) == 2
+    assert main(["bench", "schedules", "--codecs", "qsgd:level=3", "--out", str(out)]) == 2
+    said = capsys.readouterr().out
+    assert "'levels' in 'qsgd:levels' is not key=value" in said and "compression.params.level" in said

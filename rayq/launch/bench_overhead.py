@@ -93,12 +93,21 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     print(f"rayq bench overhead: {names} on {args.task}, {args.workers} workers, {args.steps} steps each "
           "(one worker group, back to back)", flush=True)
     summaries = train_many(cfgs)
-    rows = []
+    rows, failed = [], []
     for n, s in zip(names, summaries):
         if "error" in s:
             print(f"  {n} failed: {s['error']}")
+            failed.append(n)
             continue
-        rows.append(summarize(n, steps_of(Path(s["run_dir"]) / "trace.jsonl", args.skip)))
+        steps = steps_of(Path(s["run_dir"]) / "trace.jsonl", args.skip)
+        if not steps:
+            print(f"  {n}: no step after the {args.skip} warm-up steps (--steps {args.steps}); raise --steps")
+            failed.append(n)
+            continue
+        rows.append(summarize(n, steps))
+    if not rows:
+        print("rayq bench overhead: no run gave figures; nothing written")
+        return 1
     base = next((r["step_ms"] for r in rows if r["run"] == "ddp-allreduce"), rows[0]["step_ms"])
     md = markdown(rows, base)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,9 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     plot(rows, out / "overhead.png")
     print(md)
     print(f"wrote {out / 'overhead.json'}, {out / 'overhead.md'} and {out / 'overhead.png'}")
-    return 0
+    if failed:
+        print(f"rayq bench overhead: {len(failed)} run(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def add_commands(sub: Any) -> None:

@@ -114,12 +114,27 @@ def _codec(spec: str) -> tuple[str, dict[str, Any]]:
     import yaml
 
     name, _, rest = spec.partition(":")
-    params = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
-    return name, params
+    pairs = [kv for kv in rest.split(",") if kv]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise ValueError(f"{bad[0]!r} in {spec!r} is not key=value (e.g. qsgd:levels=15)")
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
 
 
 def cmd_bench_schedules(args: argparse.Namespace) -> int:
-    codecs = [_codec(c) for c in args.codecs.split(";")]
+    from compressors import CodecError, make_codec
+
+    try:
+        codecs = [_codec(c) for c in args.codecs.split(";")]
+        for name, params in codecs:
+            make_codec(name, params)
+    except (CodecError, ValueError) as err:
+        print(f"rayq bench schedules: --codecs {args.codecs!r}: {err}")
+        return 2
+    if args.seeds < 1 or args.steps < 6 or args.workers < 1:
+        print(f"rayq bench schedules: needs --seeds >= 1, --steps >= 6 and --workers >= 1 (got {args.seeds}, "
+              f"{args.steps}, {args.workers})")
+        return 2
     seeds = list(range(args.seeds))
     print(f"rayq bench schedules: ADPSGD vs CPSGD at equal syncs, {args.steps} steps, {args.workers} in-process workers, "
           f"codecs {[c for c, _ in codecs]}, seeds {seeds}", flush=True)
