@@ -172,7 +172,8 @@ class RCFed(Codec):
         stats, constant = _moments(u)
         mu_f, sigma_f = stats.tolist()
         if not (math.isfinite(mu_f) and math.isfinite(sigma_f)):
-            raise ValueError(f"rcfed cannot encode tensor {info.name!r}: it holds non-finite values")
+            raise ValueError(f"rcfed cannot encode tensor {info.name!r}: it holds non-finite values, or values so "
+                             "large that their float32 spread overflows (|x| beyond about 1e19)")
         if constant:  # σ = 0: μ says it all
             return self._packet(n, stats, GRID, np.zeros(0, dtype=np.uint16))
         code, index = self._choose(u, stats[0], stats[1])

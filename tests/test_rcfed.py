@@ -177,6 +177,13 @@ def test_compiled_cpu_quantiser_matches_the_tensor_quantiser(rate):
         assert bits == pytest.approx(float(counts @ design.model.lengths), rel=1e-12)
 
 
+@pytest.mark.parametrize("values", [[1.0, float("nan"), 2.0], [1e30, -1e30, 3e29]])
+def test_non_finite_or_overflowing_input_is_refused_with_the_tensor_named(values):
+    codec = make_codec("rcfed", {})
+    with pytest.raises(ValueError, match="rcfed cannot encode tensor 'w': it holds non-finite values, or values so large"):
+        codec.encode(torch.tensor(values), TensorInfo("w", (3,)))
+
+
 def test_parameters_are_validated():
     with pytest.raises(CodecError, match="rate"):
         make_codec("rcfed", {"rate": 0.0})
