@@ -108,6 +108,8 @@ def _codec_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
                f"optimizer.name={cfg.optimizer.name!r} evaluates the gradient twice per step")
         out.append(f"{p}compression.overlap=true is invalid here: it overlaps the gradient exchange with backward, and "
                    f"{p}{why}; use sync.schedule every_step with the sync trainer and a one-evaluation optimizer")
+    if cfg.compression.gather == "direct":
+        out += _gather_rules(s, cfg, p)
     if cfg.compression.bucket_mb is not None and s.codecs[0][1].multi_round:
         out.append(f"{p}compression.bucket_mb={cfg.compression.bucket_mb:g} is invalid with compression.codec="
                    f"{s.codecs[0][1].name!r}: it approximates each weight matrix by its own shape, which a flat bucket "
@@ -133,6 +135,23 @@ def _codec_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
                            f"needs a contractive codec, and {codec.spec} leaves {lost:.2f}x a Gaussian input's energy "
                            "as error; keep more of the input, or train without error feedback")
     return out
+
+
+def _gather_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
+    """``compression.gather=direct`` changes how all-gathered frames cross; refuse it where none are."""
+    key = f"{p}compression.gather='direct'"
+    if s.trainer in ("volunteer", "split"):
+        return [f"{key} is invalid with {p}trainer={s.trainer!r}: it sets how the collective trainers all-gather "
+                "their frames, and this trainer exchanges its own way; leave compression.gather=padded"]
+    if s.trainer == "ddp" and cfg.ddp.hook != "rayq":
+        return [f"{key} is invalid with {p}ddp.hook={cfg.ddp.hook!r}: PyTorch's hook all-reduces dense or low-rank "
+                "buffers and gathers no frames; use ddp.hook=rayq, or leave compression.gather=padded"]
+    if s.schedule == "laq" or s.strategy == "two_phase" or any(gather_route(c, s.strategy) for _, c in s.codecs):
+        return []
+    names = ", ".join(f"{k}={c.name!r}" for k, c in s.codecs)
+    return [f"{key} is invalid with {names} under {p}compression.strategy={s.strategy!r}: these packets are summed "
+            "in an all-reduce, so no frame is all-gathered and the setting would do nothing; choose a gather codec, "
+            "compression.strategy allgather or two_phase, or leave compression.gather=padded"]
 
 
 def _schedule_rules(s: Setup, p: str) -> list[str]:

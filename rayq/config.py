@@ -115,6 +115,9 @@ class CompressionConfig:
     codec: str = "qsgd"
     params: dict[str, Any] = field(default_factory=dict)
     strategy: Literal["auto", "allreduce", "allgather", "two_phase"] = "auto"
+    #: How variable-size frames (gather codecs, LAQ, two-phase shards) cross: ``padded`` = one all-gather of
+    #: frames padded to the longest; ``direct`` = an all-to-all that sends each frame unpadded to every peer.
+    gather: Literal["padded", "direct"] = "padded"
     error_feedback: bool = False
     min_numel: int = 256
     bucket_small: bool = True

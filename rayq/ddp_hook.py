@@ -38,16 +38,18 @@ class RayqHookState:
     """The hook's state: the compressed group, the step counter and the ledger not yet taken."""
 
     def __init__(self, policy: Policy, process_group: Any = None, seed: int = 0, strategy: str = "auto",
-                 model: nn.Module | None = None, measure: bool = False) -> None:
+                 model: nn.Module | None = None, measure: bool = False, gather: str = "padded") -> None:
         self.process_group = process_group
-        self.group = CompressedGroup(policy, self._transport(process_group, ready=True), seed=seed, strategy=strategy)
+        self.gather = gather
+        self.group = CompressedGroup(policy, self._transport(process_group, gather, ready=True), seed=seed,
+                                     strategy=strategy)
         self.names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.step = 0
         self.measure = measure
         self.ledger = Ledger()
 
     @staticmethod
-    def _transport(process_group: Any, ready: bool = False) -> "TorchTransport | None":
+    def _transport(process_group: Any, gather: str = "padded", ready: bool = False) -> "TorchTransport | None":
         """The hook's transport. On NCCL, with ``ready`` (every member is constructing its state, as in
         :func:`register`), frame sizes go over a gloo group made here, between host memories; otherwise
         they stay on the data group (a group made lazily inside the hook would be a collective call from
@@ -56,7 +58,7 @@ class RayqHookState:
             return None
         nccl = dist.get_backend(process_group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        transport = TorchTransport(device, group=process_group, host_control=nccl and ready)
+        transport = TorchTransport(device, group=process_group, gather=gather, host_control=nccl and ready)
         transport.open_control()
         return transport
 
@@ -83,7 +85,8 @@ class RayqHookState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         policy, seed, strategy = state.pop("group")
         self.__dict__.update(state)
-        self.group = CompressedGroup(policy, self._transport(None), seed=seed, strategy=strategy)
+        self.group = CompressedGroup(policy, self._transport(None, self.gather), seed=seed,
+                                     strategy=strategy)
 
     def bind(self, model: nn.Module) -> None:
         """Name the buckets' gradients after ``model``'s parameters (after unpickling a state)."""
@@ -94,7 +97,7 @@ def rayq_hook(state: RayqHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """Average one DDP bucket through rayq's compressed group; the future holds the averaged bucket."""
     buffer = bucket.buffer()
     if state.group.transport is None:
-        state.group.transport = state._transport(state.process_group)
+        state.group.transport = state._transport(state.process_group, state.gather)
     params, grads = bucket.parameters(), bucket.gradients()
     index = bucket.index()
     tensors = {state.names.get(id(p), f"bucket{index}.{i}"): g for i, (p, g) in enumerate(zip(params, grads))}
@@ -112,10 +115,11 @@ def rayq_hook(state: RayqHookState, bucket: dist.GradBucket) -> torch.futures.Fu
 
 
 def register(model: nn.parallel.DistributedDataParallel, policy: Policy, seed: int = 0, strategy: str = "auto",
-             measure: bool = False) -> RayqHookState:
-    """Register :func:`rayq_hook` on ``model`` (a DDP module) and return its state."""
+             measure: bool = False, gather: str = "padded") -> RayqHookState:
+    """Register :func:`rayq_hook` on ``model`` (a DDP module) and return its state. ``gather``: how frames of
+    gather codecs cross (``padded`` all-gather or ``direct`` all-to-all, as ``compression.gather``)."""
     state = RayqHookState(policy, model.process_group, seed=seed, strategy=strategy, model=model.module,
-                          measure=measure)
+                          measure=measure, gather=gather)
     model.register_comm_hook(state, rayq_hook)
     return state
 

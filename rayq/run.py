@@ -202,7 +202,8 @@ class Run:
         if transport is None:
             import torch.distributed as dist
 
-            transport = TorchTransport(self.device if dist.get_backend() == "nccl" else torch.device("cpu"))
+            transport = TorchTransport(self.device if dist.get_backend() == "nccl" else torch.device("cpu"),
+                                       gather=cfg.compression.gather)
         self.transport = transport
         self.tracked: dict[str, Stateful] = {}
         self.start_step, self.bytes_total, self.skipped, wall_offset = 0, 0, 0, 0.0

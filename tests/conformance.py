@@ -130,15 +130,18 @@ def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str) -> Trac
     return trace
 
 
-def simulate(cfg: RunConfig) -> list[Trace]:
+def simulate(cfg: RunConfig, ops: set[str] | None = None) -> list[Trace]:
+    """Every worker's trace of the cell; ``ops`` (when given) collects the primitives the transport ran."""
     counted = [0] * WORKERS
 
     def on_primitive(rank: int, op: str, nbytes: int) -> None:
         counted[rank] += nbytes
+        if ops is not None:
+            ops.add(op)
 
     with tempfile.TemporaryDirectory() as run_dir:
         hub = LocalHub(WORKERS, timeout_s=60, on_primitive=on_primitive)
-        return run_local(WORKERS, _worker, cfg, counted, run_dir, hub=hub)
+        return run_local(WORKERS, _worker, cfg, counted, run_dir, hub=hub, gather=cfg.compression.gather)
 
 
 # ---------------------------------------------------------------------------------------- the oracle

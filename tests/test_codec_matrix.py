@@ -51,6 +51,9 @@ CELLS: dict[str, tuple[list[str], float]] = {
     "topk-ef-leave-lose": (["compression.codec=topk", "compression.params={density: 0.05}", "compression.error_feedback=true",
                             "optimizer.lr=0.03", "faults.events=[{step: 30, worker: 2, kind: leave, duration: 10}, "
                             "{step: 80, worker: 1, kind: lose, duration: 8}, {step: 120, worker: 3, kind: corrupt}]"], 0.85),
+    # frames sent unpadded to each peer (all-to-all) instead of a padded all-gather: LAQ's skips are header-only
+    "laq-direct-lose": (["compression.codec=laq", "sync.schedule=laq", "compression.gather=direct",
+                         "faults.events=[{step: 30, worker: 2, kind: lose, duration: 10}]"], 0.85),
     "two-phase-qsgd-ef": (["compression.codec=qsgd", "compression.params.levels=15", "compression.error_feedback=true",
                            "compression.strategy=two_phase"],
                           0.85),
@@ -94,6 +97,12 @@ def test_sampled_cells_of_every_schedule_under_faults_train_digits_to_their_bar(
         assert s["comm/control_bytes"] > 0  # loss means, evaluation sums, size exchanges: on the wire, counted
         if name not in ("powersgd-deadline", "blaq-binary"):  # frames: packets, padding, control (an all-reduce sums
             assert s["comm/bytes_up_wire"] >= s["comm/bytes_up"] > 0  # bare fields, so its headers never travel)
+    from rayq.telemetry import read_trace
+
+    steps, _ = read_trace(Path(cells["laq-direct-lose"]["run_dir"]) / "trace.jsonl")
+    payload = [w for st in steps for w in st.wire if w[4] == "payload"]
+    assert payload and {w[0] for w in payload} == {"alltoall"}  # no frame went through a padded all-gather
+    assert any(len(set(w[2])) > 1 for w in payload)  # skipping and uploading workers in one round, unpadded
     assert cells["qrda-threshold"]["model/sparsity"] > 0.9  # the l1 dual average keeps the uninformative weights at 0
     assert cells["blaq-binary"]["comm/bits_per_element"] > 2 * 32  # two gradient evaluations, each exchanged
 

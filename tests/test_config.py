@@ -89,8 +89,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["trainer=ddp", "sync.schedule=periodic"], "trainer='ddp' is invalid with sync.schedule='periodic'"),
     (["trainer=ddp", "faults.deadline=2"], "faults.deadline=2 is invalid with trainer='ddp'"),
     (["trainer=volunteer", "compression.codec=powersgd"], "trainer='volunteer' is invalid with compression.codec='powersgd'"),
+    (["compression.gather=direct", "compression.codec=fp16"],
+     "compression.gather='direct' is invalid with compression.codec='fp16' under compression.strategy='auto'"),
+    (["compression.gather=direct", "compression.codec=powersgd", "compression.overrides=[{pattern: '0.*', codec: none}]"],
+     "compression.gather='direct' is invalid with compression.codec='powersgd', compression.overrides[0].codec='none'"),
+    (["compression.gather=direct", "trainer=volunteer"], "compression.gather='direct' is invalid with trainer='volunteer'"),
+    (["compression.gather=direct", "trainer=ddp", "ddp.hook=powersgd"],
+     "compression.gather='direct' is invalid with ddp.hook='powersgd'"),
 ])
 def test_settings_that_would_be_silently_ignored_are_config_errors(sets, message):
+    if "compression.gather=direct" in sets:  # what it is refused with is fine on its own
+        load_config(None, [s for s in sets if s != "compression.gather=direct"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, sets)
 

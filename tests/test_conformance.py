@@ -67,6 +67,41 @@ def test_the_refusals_are_for_reasons_not_tastes():
     assert reason(codec="none", fault="lose", strategy="allgather") == ""  # in frames, a lost one is dropped
 
 
+def test_direct_gather_conforms_in_every_cell_that_gathers_frames():
+    """``compression.gather=direct``: every cell that all-gathers frames (gather codecs, LAQ, two-phase shards)
+    sends them by all-to-all instead, unpadded, and conforms; the config refuses the others by name."""
+    ran, failed = 0, []
+    for cell in cells():
+        try:
+            cfg = cell_config(cell, compression={"gather": "direct"})
+        except ConfigError as err:
+            assert "compression.gather" in str(err) or _run(cell)[0] is not None, f"{cell}: {err}"
+            continue
+        ops: set[str] = set()
+        problems = check(cfg, simulate(cfg, ops))
+        if "all_to_all" not in ops:
+            problems.append("no frame went by all-to-all")
+        ran += 1
+        if problems:
+            failed.append((cell, problems[:3]))
+    assert not failed, "\n".join(f"{c}: {p}" for c, p in failed[:20])
+    assert ran > 500
+
+
+@pytest.mark.parametrize("cell", [
+    Cell("topk", True, "every_step", "auto", "lose"), Cell("laq", False, "laq", "auto", "leave"),
+    Cell("rcfed", False, "every_step", "allgather", "straggle+deadline"), Cell("int8", True, "diloco", "two_phase", "none"),
+], ids=str)
+def test_direct_and_padded_gathers_train_the_same_model(cell):
+    """The frames are the same bytes either way, so every worker's model is bit-identical after every step."""
+    padded = simulate(cell_config(cell))
+    direct = simulate(cell_config(cell, compression={"gather": "direct"}))
+    for a, b in zip(padded, direct):
+        for ra, rb in zip(a.records, b.records):
+            assert ra.params.keys() == rb.params.keys()
+            assert all(torch.equal(ra.params[n], rb.params[n]) for n in ra.params), (cell, ra.step)
+
+
 # ---------------------------------------------------------------------------------------- the suite can fail
 
 

@@ -22,7 +22,7 @@ def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ w).argmax(1)
 
 
-def _train(rank: int, hook: str, codec: str | None) -> dict:
+def _train(rank: int, hook: str, codec: str | None, gather: str = "padded") -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rayq.ddp_hook import AllReduceCounter, RayqHookState, register
@@ -32,7 +32,7 @@ def _train(rank: int, hook: str, codec: str | None) -> dict:
     ddp = DDP(model, bucket_cap_mb=0.01)  # several buckets
     counter, state = AllReduceCounter(), None
     if hook == "rayq":
-        state = register(ddp, Policy(codec, error_feedback=codec != "powersgd", min_numel=0), seed=3)
+        state = register(ddp, Policy(codec, error_feedback=codec != "powersgd", min_numel=0), seed=3, gather=gather)
     else:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
@@ -54,12 +54,13 @@ def _train(rank: int, hook: str, codec: str | None) -> dict:
     out = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses, "bytes": step_bytes}
     if state is not None:
         clone = pickle.loads(pickle.dumps(state))
-        out["state_roundtrip"] = clone.step == state.step and clone.state_dict().keys() == state.state_dict().keys()
+        out["state_roundtrip"] = (clone.step == state.step and clone.state_dict().keys() == state.state_dict().keys()
+                                  and clone.gather == gather)
     return out
 
 
 def _all_cases(rank: int, world: int) -> dict:
-    cases = [("rayq", "qsgd"), ("rayq", "none"), ("torch-powersgd", None)]
+    cases = [("rayq", "qsgd"), ("rayq", "qsgd", "direct"), ("rayq", "none"), ("torch-powersgd", None)]
     if "powersgd" in REGISTRY:
         cases.append(("rayq", "powersgd"))
     return {case: _train(rank, *case) for case in cases}
@@ -75,6 +76,8 @@ def test_ddp_hooks_keep_replicas_identical_train_and_count_real_bytes():
         assert r0["losses"][-1] < 0.6 * r0["losses"][0], f"{case}: did not train ({r0['losses']})"
         assert all(b > 0 for b in r0["bytes"]), case
         assert r0.get("state_roundtrip", True)
+    for a, b in zip(results[0][("rayq", "qsgd")]["params"], results[0][("rayq", "qsgd", "direct")]["params"]):
+        assert torch.equal(a, b)  # the same frames, sent unpadded to each peer instead of all-gathered
     assert results[0][("rayq", "none")]["bytes"][-1] >= dense
     assert results[0][("rayq", "qsgd")]["bytes"][-1] < dense / 4
     torch_psgd = results[0][("torch-powersgd", None)]["bytes"]

@@ -34,7 +34,7 @@ def build_hook(cfg: RunConfig, ddp: torch.nn.parallel.DistributedDataParallel) -
     """Register the configured hook on ``ddp``; return its state and, for PyTorch's hooks, a byte counter."""
     if cfg.ddp.hook == "rayq":
         state = RayqHookState(build_policy(cfg), ddp.process_group, seed=cfg.seed,
-                              strategy=cfg.compression.strategy, model=ddp.module)
+                              strategy=cfg.compression.strategy, gather=cfg.compression.gather, model=ddp.module)
         ddp.register_comm_hook(state, rayq_hook)
         return state, None
     if cfg.ddp.hook == "powersgd":
