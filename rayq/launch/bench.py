@@ -467,7 +467,8 @@ def plot_e2e(results: list[dict], profile: str, target: float, path: Path) -> No
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.lines[1:]:  # the target line is always there; a legend needs a run that finished
+        ax1.legend(fontsize=8)
     fig.suptitle("rayq bench e2e: accuracy vs simulated time and vs bits")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
