@@ -40,7 +40,7 @@ def _train(rank: int, hook: str, codec: str | None, gather: str = "padded") -> d
                                counter.wrap(psgd.powerSGD_hook))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.5)
     x, y = _data(rank)
-    losses, step_bytes = [], []
+    losses, step_bytes, kinds = [], [], set()
     for _ in range(STEPS):
         opt.zero_grad()
         loss = F.cross_entropy(ddp(x), y)
@@ -50,8 +50,10 @@ def _train(rank: int, hook: str, codec: str | None, gather: str = "padded") -> d
         losses.append(float(loss.detach()))
         ledger = state.take_ledger() if state else counter.take_ledger(2, sum(p.numel() for p in model.parameters()))
         step_bytes.append(ledger.bytes_up)
+        kinds |= {w.kind for w in ledger.wire if w.purpose == "payload"}
         assert ledger.comm_s > 0 and ledger.rounds >= 1
-    out = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses, "bytes": step_bytes}
+    out = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses, "bytes": step_bytes,
+           "kinds": kinds}
     if state is not None:
         clone = pickle.loads(pickle.dumps(state))
         out["state_roundtrip"] = (clone.step == state.step and clone.state_dict().keys() == state.state_dict().keys()
@@ -78,6 +80,8 @@ def test_ddp_hooks_keep_replicas_identical_train_and_count_real_bytes():
         assert r0.get("state_roundtrip", True)
     for a, b in zip(results[0][("rayq", "qsgd")]["params"], results[0][("rayq", "qsgd", "direct")]["params"]):
         assert torch.equal(a, b)  # the same frames, sent unpadded to each peer instead of all-gathered
+    assert results[0][("rayq", "qsgd")]["kinds"] == {"allgather"}
+    assert results[0][("rayq", "qsgd", "direct")]["kinds"] == {"alltoall"}
     assert results[0][("rayq", "none")]["bytes"][-1] >= dense
     assert results[0][("rayq", "qsgd")]["bytes"][-1] < dense / 4
     torch_psgd = results[0][("torch-powersgd", None)]["bytes"]
