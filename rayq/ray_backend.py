@@ -20,6 +20,8 @@ group and runs dense::
 * The codec is chosen per group name by :func:`configure`, called in the process before the group is
   created; without it the ``RAYQ_COLLECTIVE`` environment variable (JSON with the same keys, e.g. set
   through ``runtime_env={"env_vars": ...}``) applies to every group; without both, ``codec="none"``.
+* ``gather="direct"`` sends a gather codec's frames unpadded to every peer in one all-to-all instead of
+  padding them to the longest for one all-gather; the decoded sums are bit-identical.
 * :func:`register` is idempotent; ``runtime_env={"worker_process_setup_hook":
   "rayq.ray_backend.register"}`` registers the backend in every worker process of a job.
 * Rendezvous: like Ray's GLOO group, rank 0 publishes ``address:port`` in Ray's internal KV store and
@@ -47,8 +49,8 @@ import torch
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, Ledger, check_strategy
-from rayq.transport import TorchTransport
+from rayq.collective import CompressedGroup, Ledger, check_strategy, route
+from rayq.transport import GATHER_MODES, TorchTransport
 
 BACKEND = "RAYQ"
 ENV_VAR = "RAYQ_COLLECTIVE"
@@ -66,12 +68,20 @@ class GroupOptions:
     min_numel: int = 256
     seed: int = 0
     timeout_s: float = 300.0
+    gather: str = "padded"
 
     def validate(self) -> None:
         from compressors import make_codec
 
-        make_codec(self.codec, self.params)
+        codec = make_codec(self.codec, self.params)
         check_strategy(self.codec, self.strategy)
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"gather={self.gather!r} is unknown; choose one of: {', '.join(GATHER_MODES)}")
+        if self.gather == "direct" and route(codec, self.strategy) == "allreduce":
+            raise ValueError(f"gather='direct' is invalid with codec={self.codec!r} under strategy={self.strategy!r}: "
+                             "its packets are summed in an all-reduce, so no frame is all-gathered and the setting "
+                             "would do nothing; choose a gather codec, strategy allgather or two_phase, or leave "
+                             "gather='padded'")
         if self.min_numel < 0:
             raise ValueError(f"min_numel={self.min_numel!r} must be >= 0")
         if self.timeout_s <= 0:
@@ -85,12 +95,14 @@ _OWNS_DEFAULT = False
 
 def configure(group_name: str, codec: str = "none", params: dict[str, Any] | None = None,
               error_feedback: bool = False, strategy: str = "auto", min_numel: int = 256, seed: int = 0,
-              timeout_s: float = 300.0) -> GroupOptions:
+              timeout_s: float = 300.0, gather: str = "padded") -> GroupOptions:
     """Choose the codec of the RAYQ group ``group_name`` in this process (before the group is created).
 
-    Every member must configure the group identically. Invalid codecs, parameters and forbidden
-    codec/strategy pairs raise here, before any collective runs."""
-    opts = GroupOptions(codec, dict(params or {}), error_feedback, strategy, min_numel, seed, timeout_s)
+    ``gather``: how all-gathered frames cross, ``padded`` (each padded to the longest, one all-gather)
+    or ``direct`` (each sent unpadded to every peer, one all-to-all); refused where the codec's packets
+    are summed instead. Every member must configure the group identically. Invalid codecs, parameters
+    and forbidden codec/strategy/gather combinations raise here, before any collective runs."""
+    opts = GroupOptions(codec, dict(params or {}), error_feedback, strategy, min_numel, seed, timeout_s, gather)
     opts.validate()
     _OPTIONS[group_name] = opts
     return opts
@@ -201,7 +213,7 @@ class RayqGroup(BaseGroup):
         o = self.options
         self.compressed = CompressedGroup(
             Policy(o.codec, o.params, error_feedback=o.error_feedback, min_numel=o.min_numel),
-            TorchTransport(torch.device("cpu"), group=self._pg), seed=o.seed, strategy=o.strategy)
+            TorchTransport(torch.device("cpu"), group=self._pg, gather=o.gather), seed=o.seed, strategy=o.strategy)
         self.ledger = Ledger()
         self._calls = 0
         _LIVE.add(group_name)

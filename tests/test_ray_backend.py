@@ -42,6 +42,11 @@ def _peer_class(ray):
             col.allreduce(t, group_name=group, op=getattr(ReduceOp, op))
             return t, rb.get_ledger(group).bytes_up - before
 
+        def payload_kinds(self, group: str) -> set[str]:
+            import rayq.ray_backend as rb
+
+            return {w.kind for w in rb.get_ledger(group).wire if w.purpose == "payload"}
+
         def allgather(self, group: str, t: torch.Tensor) -> list[torch.Tensor]:
             import ray.util.collective as col
 
@@ -100,7 +105,10 @@ def peers(ray_session):
     Peer = _peer_class(ray)
     hook = {"worker_process_setup_hook": "rayq.ray_backend.register"}
     actors = [Peer.options(runtime_env=hook).remote(r) for r in range(WORLD)]
-    groups = {"dense": {}, "q": {"codec": "qsgd", "params": {"levels": 15}, "min_numel": 0}}
+    groups = {"dense": {}, "q": {"codec": "qsgd", "params": {"levels": 15}, "min_numel": 0},
+              "padded": {"codec": "topk", "params": {"density": 0.1}, "min_numel": 0, "error_feedback": True},
+              "direct": {"codec": "topk", "params": {"density": 0.1}, "min_numel": 0, "error_feedback": True,
+                         "gather": "direct"}}
     for name, options in groups.items():
         assert ray.get([a.setup.remote(name, **options) for a in actors], timeout=180) == list(range(WORLD))
     yield ray, actors
@@ -200,3 +208,27 @@ def test_send_recv_delivers_the_tensor_to_the_peer(peers):
 def test_barrier_returns_on_every_actor(peers):
     ray, actors = peers
     assert ray.get([a.barrier.remote("dense") for a in actors], timeout=60) == [True] * WORLD
+
+
+def test_direct_gather_moves_frames_by_all_to_all_and_sums_bit_identically_to_padded(peers):
+    ray, actors = peers
+    for step in range(3):  # error feedback carries each step's residual into the next
+        xs = [x * (step + 1) for x in _inputs(3000)]
+        padded = ray.get([a.allreduce.remote("padded", t.clone()) for a, t in zip(actors, xs)])
+        direct = ray.get([a.allreduce.remote("direct", t.clone()) for a, t in zip(actors, xs)])
+        for (p, _), (d, _) in zip(padded, direct):
+            assert torch.equal(p, d) and torch.equal(p, padded[0][0])
+        assert 0 < float((padded[0][0] - torch.stack(xs).sum(0)).norm()) < float(torch.stack(xs).sum(0).norm())
+    assert ray.get([a.payload_kinds.remote("padded") for a in actors]) == [{"allgather"}] * WORLD
+    assert ray.get([a.payload_kinds.remote("direct") for a in actors]) == [{"alltoall"}] * WORLD
+
+
+def test_configure_refuses_direct_gather_where_packets_are_summed_and_unknown_modes():
+    import rayq.ray_backend as rb
+
+    with pytest.raises(ValueError, match="gather='direct' is invalid with codec='randomk' under strategy='auto'"):
+        rb.configure("refused", codec="randomk", gather="direct")
+    with pytest.raises(ValueError, match="gather='sideways' is unknown; choose one of: padded, direct"):
+        rb.configure("refused", codec="topk", gather="sideways")
+    assert rb.configure("allowed", codec="randomk", strategy="allgather", gather="direct").gather == "direct"
+    assert "refused" not in rb._OPTIONS
