@@ -372,7 +372,7 @@ def _overlap_run(transport, codec: str, overlap: bool, bucket_mb, weights):
     group = CompressedGroup(Policy(codec, min_numel=0, bucket_mb=bucket_mb), transport, seed=2)
     schedule = EveryStep(Replica(model, opt), group, overlap=overlap)
     x, y = _shard(transport.rank, transport.world)
-    sent, exposed = 0, []
+    sent, exposed, kinds = 0, [], set()
     for step in range(4):
         idx = slice(step * 16, (step + 1) * 16)
 
@@ -386,8 +386,9 @@ def _overlap_run(transport, codec: str, overlap: bool, bucket_mb, weights):
         out = schedule.step(step, view, measure=False, backward=backward)
         sent += out.ledger.bytes_up
         exposed.append(out.exposed_s)
+        kinds |= {w.kind for w in out.ledger.wire if w.purpose == "payload"}
         assert out.loss is not None and out.compute_s > 0
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), sent, exposed
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), sent, exposed, kinds
 
 
 class _LoggedSide:
@@ -514,13 +515,18 @@ def test_an_overlapped_exchange_waits_for_each_units_gradients_on_the_device_and
             assert sum(one.index(m) > done for m in marks) == waiting
 
 
-@pytest.mark.parametrize("codec, bucket_mb, weights", [("none", None, None), ("qsgd", None, None),
-                                                       ("qsgd", 0.005, None), ("topk", 0.005, [1.0, 0.0, 1.0])])
-def test_overlapping_the_exchange_with_backward_changes_nothing_but_the_timing(codec, bucket_mb, weights):
-    plain = run_local(3, _overlap_run, codec, False, bucket_mb, weights)
-    overlapped = run_local(3, _overlap_run, codec, True, bucket_mb, weights)
-    for (a, bytes_a, _), (b, bytes_b, exposed) in zip(plain, overlapped):
+@pytest.mark.parametrize("codec, bucket_mb, weights, gather", [
+    ("none", None, None, "padded"), ("qsgd", None, None, "padded"), ("qsgd", 0.005, None, "padded"),
+    ("topk", 0.005, [1.0, 0.0, 1.0], "padded"), ("qsgd", 0.005, None, "direct"), ("topk", 0.005, [1.0, 0.0, 1.0], "direct")])
+def test_overlapping_the_exchange_with_backward_changes_nothing_but_the_timing(codec, bucket_mb, weights, gather):
+    plain = run_local(3, _overlap_run, codec, False, bucket_mb, weights, gather=gather)
+    overlapped = run_local(3, _overlap_run, codec, True, bucket_mb, weights, gather=gather)
+    for (a, bytes_a, _, kinds_a), (b, bytes_b, exposed, kinds_b) in zip(plain, overlapped):
         assert torch.equal(a, b)
-        assert bytes_a == bytes_b
+        assert bytes_a == bytes_b and kinds_a == kinds_b
         assert all(e >= 0 for e in exposed)
     assert torch.equal(overlapped[0][0], overlapped[1][0])
+    if gather == "direct":  # frames cross unpadded by all-to-all from the communication thread, same model
+        assert overlapped[0][3] == {"alltoall"}
+        padded = run_local(3, _overlap_run, codec, True, bucket_mb, weights)
+        assert padded[0][3] == {"allgather"} and torch.equal(padded[0][0], overlapped[0][0])
