@@ -158,7 +158,7 @@ class Packet:
         if zlib.crc32(buf[offset:pos - _CRC.size]) != crc:
             raise PacketError("corrupted packet: checksum mismatch")
         fields = tuple(
-            torch.frombuffer(r, dtype=torch.uint8).clone().view(dtype).reshape(shape)
+            torch.frombuffer(bytearray(r), dtype=torch.uint8).view(dtype).reshape(shape)  # copy: writable, aligned
             if len(r) else torch.empty(shape, dtype=dtype)
             for (dtype, shape), r in zip(specs, raw)
         )

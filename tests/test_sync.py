@@ -193,7 +193,8 @@ def _laq_run(transport, xi: float, error_weight: float, steps: int, full_batch: 
             uploads += int(schedule.state.skips == 0)  # this worker uploaded this round
             invariant = max(invariant, schedule.invariant_error())
         losses.append(loss.item())
-    full_loss = float(F.cross_entropy(model(TRAIN.x), TRAIN.y))
+    with torch.no_grad():
+        full_loss = float(F.cross_entropy(model(TRAIN.x), TRAIN.y))
     return {"uploads": uploads, "invariant": invariant, "loss": full_loss,
             "state": None if dense else schedule.state}
 
