@@ -238,9 +238,19 @@ def plot_codecs(rows: list[dict], refs: list[dict], data: str, path: Path) -> No
     plt.close(fig)
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), recorded because float kernels, hence chaotic runs, differ by CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads(), "when": datetime.now().isoformat(timespec="seconds"),
+           platform.machine(), "cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "when": datetime.now().isoformat(timespec="seconds"),
            "load_average": os.getloadavg(), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
