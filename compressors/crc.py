@@ -19,6 +19,7 @@ result is an int64 tensor on the data's device, equal to ``zlib.crc32`` (tested 
 from __future__ import annotations
 
 import functools
+import threading
 import zlib
 
 import numpy as np
@@ -58,11 +59,14 @@ def _apply(cols: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 _POWERS: list[np.ndarray] = [_zero_byte(np.uint64(1) << _BITS)]  # _POWERS[j]: columns of Z^(2^j)
+_POWERS_LOCK = threading.Lock()
 
 
 def _power(j: int) -> np.ndarray:
-    while len(_POWERS) <= j:
-        _POWERS.append(_apply(_POWERS[-1], _POWERS[-1]))
+    if len(_POWERS) <= j:
+        with _POWERS_LOCK:  # workers may share a process (threads): two appends of one square corrupt the list
+            while len(_POWERS) <= j:
+                _POWERS.append(_apply(_POWERS[-1], _POWERS[-1]))
     return _POWERS[j]
 
 

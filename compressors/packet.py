@@ -252,11 +252,11 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
         raise PacketError(f"frames of shape {tuple(frames.shape)} and own frame of {own.numel()} bytes do not "
                           f"match a layout of {layout.nbytes} bytes")
     key = (layout.header_at, str(frames.device))
-    if key not in _HEADER_INDEX:
+    header = _HEADER_INDEX.get(key)
+    if header is None:  # (read once: another worker thread of this process may clear the cache meanwhile)
         if len(_HEADER_INDEX) > 64:  # layouts change only when the model or the codec does
             _HEADER_INDEX.clear()
-        _HEADER_INDEX[key] = to_device(layout.header_at, torch.int64, frames.device)
-    header = _HEADER_INDEX[key]
+        header = _HEADER_INDEX[key] = to_device(layout.header_at, torch.int64, frames.device)
     ok = (crc.crc32(frames) == layout.crc) & (frames[:, header] == own[header]).all(dim=1)
     safe = torch.where(ok.unsqueeze(1), frames, own.unsqueeze(0))
     per_worker: list[list[Packet]] = [[] for _ in range(frames.shape[0])]

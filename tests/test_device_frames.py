@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,39 @@ def test_the_tensor_crc_equals_zlib_for_every_length_and_row(n):
     assert crc32(rows).tolist() == want
     assert int(crc32(rows[1])) == want[1]
     assert crc32(rows, chunk_blocks=3).tolist() == want  # the memory bound changes nothing
+
+
+def test_crc_shift_tables_stay_right_when_worker_threads_build_them_at_once(monkeypatch):
+    """Workers of one process (the in-process hub, the overlap thread) may need a new power of the
+    zero-byte map at the same moment; squaring the last entry twice would put a wrong power in the list
+    (seen as every frame of a step failing its check). The squaring is slowed down to make the race likely."""
+    import threading
+    import time
+
+    import compressors.crc as crc_module
+
+    square = crc_module._apply
+
+    def slow(cols, values):
+        time.sleep(0.002)
+        return square(cols, values)
+
+    monkeypatch.setattr(crc_module, "_POWERS", crc_module._POWERS[:1])
+    monkeypatch.setattr(crc_module, "_apply", slow)
+    start = threading.Barrier(6)
+
+    def build():
+        start.wait()
+        crc_module._power(12)
+
+    threads = [threading.Thread(target=build) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    powers = crc_module._POWERS
+    assert len(powers) == 13
+    assert all(np.array_equal(powers[j + 1], square(powers[j], powers[j])) for j in range(12))
 
 
 def test_crc_combination_and_the_intact_frame_value():
@@ -280,6 +314,24 @@ def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_
             for k in h_res[step]:
                 torch.testing.assert_close(d_res[step][k], h_res[step][k], rtol=1e-6, atol=1e-7)
     assert all(torch.equal(device[0][0][s][k], d[0][s][k]) for d in device for s in range(3) for k in SHAPES)
+
+
+@pytest.mark.parametrize("codec,ef", [("int8", False), ("topk", True), ("laq", False)])
+def test_the_device_exchange_under_direct_gather_reads_nothing_back_and_matches_padded(codec, ef, monkeypatch):
+    """compression.gather=direct hands the device path one unpadded frame per peer (from an all-to-all)
+    instead of rows of one all-gather: same checks, same drop of the corrupted frame, bit-identical
+    averages and memories, and still no host read in the whole exchange."""
+    monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
+    world, damage = 4, (2, 1)
+    padded = run_local(world, _train_exchange, codec, ef, True, damage, None, False)
+    direct = run_local(world, _train_exchange, codec, ef, True, damage, None, True, gather="direct")
+    for (p_out, p_drop, p_res, p_checked), (d_out, d_drop, d_res, d_checked) in zip(padded, direct):
+        assert p_checked == d_checked == [1, 1, 1]
+        assert p_drop == d_drop == [[], [2], []]
+        for step in range(3):
+            assert all(torch.equal(d_out[step][k], p_out[step][k]) for k in SHAPES)
+            assert p_res[step].keys() == d_res[step].keys()
+            assert all(torch.equal(d_res[step][k], p_res[step][k]) for k in p_res[step])
 
 
 @pytest.mark.parametrize("codec,ef", [("none", False), ("fp16", False), ("bf16", False), ("powersgd", False),
