@@ -45,14 +45,18 @@ class Replica:
         return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params}
 
     def finite(self, tensors: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int, what: str) -> bool:
-        """NaN/Inf detection with one reduction; ``raise`` names this worker's offending local tensors."""
-        if bool(torch.isfinite(torch.stack([t.float().norm() for t in tensors.values()]).sum())):
+        """NaN/Inf detection with one host read (the largest magnitude of every tensor: NaN propagates, and a
+        huge finite value is not mistaken for an overflow); ``raise`` names this worker's offending local tensors."""
+        peaks = [torch.linalg.vector_norm(t, float("inf")).float() for t in tensors.values() if t.numel()]
+        if not peaks or bool(torch.isfinite(torch.stack(peaks).amax())):
             return True
         if self.on_nonfinite == "raise":
             bad = [n for n, g in local.items() if not torch.isfinite(g).all()]
-            raise NonFiniteGradientError(
-                f"step {step}: the {what} is not finite (NaN/Inf); worker {self.rank}'s non-finite local "
-                f"gradients: {bad or 'none'}. Lower optimizer.lr, or set on_nonfinite=skip")
+            where = (f"worker {self.rank}'s non-finite local gradients: {bad}" if bad else
+                     f"worker {self.rank}'s local gradients are finite, so another worker's are not, or the exchange "
+                     "overflowed (e.g. a codec's fp32 scale of values above ~1e19)")
+            raise NonFiniteGradientError(f"step {step}: the {what} is not finite (NaN/Inf); {where}. Lower "
+                                         "optimizer.lr, or set on_nonfinite=skip")
         return False
 
     def apply(self, update: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int,

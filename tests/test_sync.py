@@ -531,3 +531,26 @@ def test_overlapping_the_exchange_with_backward_changes_nothing_but_the_timing(c
         assert overlapped[0][3] == {"alltoall"}
         padded = run_local(3, _overlap_run, codec, True, bucket_mb, weights)
         assert padded[0][3] == {"allgather"} and torch.equal(padded[0][0], overlapped[0][0])
+
+
+# ------------------------------------------------------------------ NaN/Inf detection
+
+
+def test_nonfinite_detection_flags_nan_and_inf_not_huge_finite_values_and_says_where_it_came_from():
+    from rayq.errors import NonFiniteGradientError
+
+    model = _model()
+    replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=3)
+    local = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    update = {n: torch.full_like(p, 1e30) for n, p in model.named_parameters()}  # its L2 norm overflows fp32
+    update["extra"] = torch.empty(0)
+    assert replica.finite(update, local, 0, "averaged gradient")
+    first = next(iter(local))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        update[first] = update[first].clone().view(-1).index_fill(0, torch.tensor([5]), bad).view_as(local[first])
+        with pytest.raises(NonFiniteGradientError, match="worker 3's local gradients are finite, so another"):
+            replica.finite(update, local, 7, "averaged gradient")
+        local_bad = dict(local, **{first: update[first]})
+        with pytest.raises(NonFiniteGradientError, match=rf"step 7: .* worker 3's non-finite local gradients: \['{first}'\]"):
+            replica.finite(update, local_bad, 7, "averaged gradient")
+    assert not Replica(model, replica.optimizer, on_nonfinite="skip").finite(update, local, 7, "averaged gradient")
