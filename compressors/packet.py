@@ -264,7 +264,10 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
         fields = []
         for dtype, shape, at in specs:
             k = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            fields.append(safe[:, at:at + k].contiguous().view(dtype).reshape(safe.shape[0], *shape))
+            # a copy of its own (offset 0, aligned): with one row the slice is already contiguous, and viewing
+            # it in place as a wider dtype fails at an odd byte offset
+            column = safe[:, at:at + k].clone(memory_format=torch.contiguous_format)
+            fields.append(column.view(dtype).reshape(safe.shape[0], *shape))
         for w, packets in enumerate(per_worker):
             packets.append(Packet(codec, numel, tuple(f[w] for f in fields)))
     return ok, per_worker

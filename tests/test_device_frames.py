@@ -316,6 +316,22 @@ def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_
     assert all(torch.equal(device[0][0][s][k], d[0][s][k]) for d in device for s in range(3) for k in SHAPES)
 
 
+@pytest.mark.parametrize("codec,ef", [("qsgd", False), ("int8", False), ("topk", True), ("sign", False),
+                                      ("vqsgd", False)])
+def test_a_single_workers_device_exchange_matches_the_host_parse(codec, ef):
+    """One worker (one GPU on NCCL): the stack of frames has one row, so its field slices are contiguous at
+    odd byte offsets; they must be copied before being viewed as wider dtypes (this crashed before)."""
+    host = run_local(1, _train_exchange, codec, ef, False, None, None, False)
+    device = run_local(1, _train_exchange, codec, ef, True, None, None, False)
+    (h_out, _, h_res, h_checked), (d_out, d_drop, d_res, d_checked) = host[0], device[0]
+    assert h_checked == [0, 0, 0] and d_checked == [1, 1, 1] and d_drop == [[], [], []]
+    for step in range(3):
+        for k in SHAPES:
+            torch.testing.assert_close(d_out[step][k], h_out[step][k], rtol=1e-6, atol=1e-7)
+        for k in h_res[step]:
+            torch.testing.assert_close(d_res[step][k], h_res[step][k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("codec,ef", [("int8", False), ("topk", True), ("laq", False)])
 def test_the_device_exchange_under_direct_gather_reads_nothing_back_and_matches_padded(codec, ef, monkeypatch):
     """compression.gather=direct hands the device path one unpadded frame per peer (from an all-to-all)
