@@ -88,6 +88,7 @@ def _spy(group: CompressedGroup, trace: Trace) -> None:
         before = copy.deepcopy(group.policy.state_dict())
         inputs = {k: v.detach().clone() for k, v in tensors.items()}
         out, ledger = real(tensors, step, measure=measure, weights=weights)
+        ledger.resolve()  # the device path's frame checks are read here (as the trainer does at the step's end)
         trace.exchanges.append(Exchange(step, inputs, None if weights is None else list(weights),
                                         {k: v.detach().clone() for k, v in out.items()}, before,
                                         copy.deepcopy(group.policy.state_dict()), [w for w, _ in ledger.dropped]))
@@ -96,7 +97,7 @@ def _spy(group: CompressedGroup, trace: Trace) -> None:
     group.allreduce_mean = spied  # type: ignore[method-assign]
 
 
-def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str) -> Trace:
+def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str, device_frames: bool) -> Trace:
     rank = transport.rank
     model = make_model()
     model.load_state_dict(INIT)
@@ -104,7 +105,7 @@ def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str) -> Trac
     plan = FaultPlan.from_config(cfg, None)
     faults = None if plan.empty else CollectiveFaults(plan, rank, WORKERS, run_dir, 0, None, cfg.faults.deadline)
     group = CompressedGroup(build_policy(cfg), transport, seed=cfg.seed, strategy=cfg.compression.strategy,
-                            lossy=plan.damages_payloads)
+                            lossy=plan.damages_payloads, device_frames=device_frames)
     schedule = schedules.build(cfg, replica, group, steps_per_epoch=2)
     trace = Trace()
     _spy(group, trace)
@@ -130,8 +131,10 @@ def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str) -> Trac
     return trace
 
 
-def simulate(cfg: RunConfig, ops: set[str] | None = None) -> list[Trace]:
-    """Every worker's trace of the cell; ``ops`` (when given) collects the primitives the transport ran."""
+def simulate(cfg: RunConfig, ops: set[str] | None = None, device_frames: bool = False) -> list[Trace]:
+    """Every worker's trace of the cell; ``ops`` (when given) collects the primitives the transport ran.
+    ``device_frames``: gathered frames are checked, sliced and decoded by tensor operations, as on a GPU
+    (where it is the default), instead of parsed on the host."""
     counted = [0] * WORKERS
 
     def on_primitive(rank: int, op: str, nbytes: int) -> None:
@@ -141,7 +144,8 @@ def simulate(cfg: RunConfig, ops: set[str] | None = None) -> list[Trace]:
 
     with tempfile.TemporaryDirectory() as run_dir:
         hub = LocalHub(WORKERS, timeout_s=60, on_primitive=on_primitive)
-        return run_local(WORKERS, _worker, cfg, counted, run_dir, hub=hub, gather=cfg.compression.gather)
+        return run_local(WORKERS, _worker, cfg, counted, run_dir, device_frames, hub=hub,
+                         gather=cfg.compression.gather)
 
 
 # ---------------------------------------------------------------------------------------- the oracle

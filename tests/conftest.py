@@ -55,4 +55,5 @@ def pytest_terminal_summary(terminalreporter):
     if summary:
         terminalreporter.write_line(
             f"conformance matrix: {summary['checked']} cells checked against the invariants, {summary['refused']} "
-            f"refused by the config ({summary['reasons']} distinct reasons), {summary['failed']} failed")
+            f"refused by the config ({summary['reasons']} distinct reasons), {summary['failed']} failed; "
+            f"{summary['device']} on the device path of gathered frames")
