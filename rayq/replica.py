@@ -47,8 +47,9 @@ class Replica:
     def finite(self, tensors: dict[str, torch.Tensor], local: dict[str, torch.Tensor], step: int, what: str) -> bool:
         """NaN/Inf detection with one host read (the largest magnitude of every tensor: NaN propagates, and a
         huge finite value is not mistaken for an overflow); ``raise`` names this worker's offending local tensors."""
-        peaks = [torch.linalg.vector_norm(t, float("inf")).float() for t in tensors.values() if t.numel()]
-        if not peaks or bool(torch.isfinite(torch.stack(peaks).amax())):
+        peaks = [torch.isfinite(torch.linalg.vector_norm(t, float("inf"))) for t in tensors.values()
+                 if t.numel() and t.is_floating_point()]
+        if not peaks or bool(torch.stack(peaks).all()):
             return True
         if self.on_nonfinite == "raise":
             bad = [n for n, g in local.items() if not torch.isfinite(g).all()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 import compressors
 from rayq.launch.cli import main
 
@@ -15,8 +17,8 @@ def test_bench_codecs_writes_json_markdown_and_plot_with_sane_figures(tmp_path):
     report = json.loads((out / "codecs.json").read_text())
     rows, refs = report["results"], report["references"]
     assert report["environment"]["threads"] == 1 and len(report["environment"]["load_average"]) == 3
-    assert report["environment"]["cpu_capability"] in ("DEFAULT", "NO AVX", "AVX2", "AVX512", "ZVECTOR", "SVE256",
-                                                       "VSX")  # which float kernels ran (they differ in low bits)
+    # which vector kernels ran (results differ in their last bits between them)
+    assert report["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert {r["codec"] for r in rows} == set(compressors.REGISTRY)
     assert {r["data"] for r in rows} == {"gaussian", "gradient"}
     assert [(r["device"], r["numel"]) for r in refs] == [("cpu", 20000)]

@@ -223,9 +223,10 @@ def test_direct_gather_moves_frames_by_all_to_all_and_sums_bit_identically_to_pa
     assert ray.get([a.payload_kinds.remote("direct") for a in actors]) == [{"alltoall"}] * WORLD
 
 
-def test_configure_refuses_direct_gather_where_packets_are_summed_and_unknown_modes():
+def test_configure_refuses_direct_gather_where_packets_are_summed_and_unknown_modes(monkeypatch):
     import rayq.ray_backend as rb
 
+    monkeypatch.setattr(rb, "_OPTIONS", {})  # this process's groups are left as they were
     with pytest.raises(ValueError, match="gather='direct' is invalid with codec='randomk' under strategy='auto'"):
         rb.configure("refused", codec="randomk", gather="direct")
     with pytest.raises(ValueError, match="gather='sideways' is unknown; choose one of: padded, direct"):

@@ -544,7 +544,14 @@ def test_nonfinite_detection_flags_nan_and_inf_not_huge_finite_values_and_says_w
     local = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     update = {n: torch.full_like(p, 1e30) for n, p in model.named_parameters()}  # its L2 norm overflows fp32
     update["extra"] = torch.empty(0)
+    update["count"] = torch.arange(3)  # integers are never NaN
+    update["wide"] = torch.full((4,), 1e300, dtype=torch.float64)  # finite, beyond fp32's range
+    update["half"] = torch.full((4,), 6e4, dtype=torch.float16)
     assert replica.finite(update, local, 0, "averaged gradient")
+    skipping = Replica(model, replica.optimizer, on_nonfinite="skip")
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        for bad in (float("nan"), float("inf")):
+            assert not skipping.finite(dict(update, odd=torch.tensor([1.0, bad], dtype=dtype)), local, 0, "x")
     first = next(iter(local))
     for bad in (float("nan"), float("inf"), -float("inf")):
         update[first] = update[first].clone().view(-1).index_fill(0, torch.tensor([5]), bad).view_as(local[first])
@@ -553,4 +560,4 @@ def test_nonfinite_detection_flags_nan_and_inf_not_huge_finite_values_and_says_w
         local_bad = dict(local, **{first: update[first]})
         with pytest.raises(NonFiniteGradientError, match=rf"step 7: .* worker 3's non-finite local gradients: \['{first}'\]"):
             replica.finite(update, local_bad, 7, "averaged gradient")
-    assert not Replica(model, replica.optimizer, on_nonfinite="skip").finite(update, local, 7, "averaged gradient")
+    assert not skipping.finite(update, local, 7, "averaged gradient")
