@@ -264,6 +264,9 @@ def read_frames(frames: torch.Tensor, own: torch.Tensor,
         fields = []
         for dtype, shape, at in specs:
             k = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not k:  # (an empty slice keeps the frame's row stride, which a wider dtype may not divide)
+                fields.append(torch.empty(safe.shape[0], *shape, dtype=dtype, device=safe.device))
+                continue
             # a copy of its own (offset 0, aligned): with one row the slice is already contiguous, and viewing
             # it in place as a wider dtype fails at an odd byte offset
             column = safe[:, at:at + k].clone(memory_format=torch.contiguous_format)

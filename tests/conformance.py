@@ -38,7 +38,7 @@ from rayq.run import build_optimizer, build_policy
 from rayq.schedules import Replica
 from rayq.transport import LocalHub, run_local
 
-WORKERS = 3
+WORKERS = 3  # the default world of a cell (cell_config(cell, workers=...) sets another)
 STEPS = 4
 
 
@@ -103,7 +103,7 @@ def _worker(transport, cfg: RunConfig, counted: list[int], run_dir: str, device_
     model.load_state_dict(INIT)
     replica = Replica(model, build_optimizer(cfg, model), "raise", rank)
     plan = FaultPlan.from_config(cfg, None)
-    faults = None if plan.empty else CollectiveFaults(plan, rank, WORKERS, run_dir, 0, None, cfg.faults.deadline)
+    faults = None if plan.empty else CollectiveFaults(plan, rank, cfg.workers, run_dir, 0, None, cfg.faults.deadline)
     group = CompressedGroup(build_policy(cfg), transport, seed=cfg.seed, strategy=cfg.compression.strategy,
                             lossy=plan.damages_payloads, device_frames=device_frames)
     schedule = schedules.build(cfg, replica, group, steps_per_epoch=2)
@@ -135,7 +135,7 @@ def simulate(cfg: RunConfig, ops: set[str] | None = None, device_frames: bool = 
     """Every worker's trace of the cell; ``ops`` (when given) collects the primitives the transport ran.
     ``device_frames``: gathered frames are checked, sliced and decoded by tensor operations, as on a GPU
     (where it is the default), instead of parsed on the host."""
-    counted = [0] * WORKERS
+    counted = [0] * cfg.workers
 
     def on_primitive(rank: int, op: str, nbytes: int) -> None:
         counted[rank] += nbytes
@@ -143,8 +143,8 @@ def simulate(cfg: RunConfig, ops: set[str] | None = None, device_frames: bool = 
             ops.add(op)
 
     with tempfile.TemporaryDirectory() as run_dir:
-        hub = LocalHub(WORKERS, timeout_s=60, on_primitive=on_primitive)
-        return run_local(WORKERS, _worker, cfg, counted, run_dir, device_frames, hub=hub,
+        hub = LocalHub(cfg.workers, timeout_s=60, on_primitive=on_primitive)
+        return run_local(cfg.workers, _worker, cfg, counted, run_dir, device_frames, hub=hub,
                          gather=cfg.compression.gather)
 
 
@@ -189,7 +189,7 @@ def check(cfg: RunConfig, traces: list[Trace]) -> list[str]:
             if view is not None and s > 0:  # who could not upload (late, away, frame lost) kept its reference
                 before = traces[0].records[s - 1].laq[0]  # type: ignore[index]
                 after = recs[0].laq[0]  # type: ignore[index]
-                for w in range(WORKERS):
+                for w in range(cfg.workers):
                     silent = view.weights[w] == 0 or w in view.damaged
                     if silent and w not in view.left and not torch.equal(before[w], after[w]):
                         problems.append(f"laq: step {s}: worker {w} could not upload (weight 0 or lost) "
@@ -204,7 +204,7 @@ def check(cfg: RunConfig, traces: list[Trace]) -> list[str]:
 
 def _check_exchange(cfg: RunConfig, ex: list[Exchange]) -> list[str]:
     step, weights = ex[0].step, ex[0].weights
-    wts = weights or [1.0] * WORKERS
+    wts = weights or [1.0] * cfg.workers
     policy = build_policy(cfg)
     shapes = {k: tuple(v.shape) for k, v in ex[0].tensors.items()}
     dtypes = {k: v.dtype for k, v in ex[0].tensors.items()}
@@ -230,10 +230,10 @@ def _check_exchange(cfg: RunConfig, ex: list[Exchange]) -> list[str]:
                 if not torch.allclose(e_after + out[w].view(e_after.shape), m, atol=1e-5, rtol=1e-4):
                     problems.append(f"memory: {where}: worker {w}: E + applied != M")
             continue
-        used = [w for w in range(WORKERS) if wts[w] > 0 and w not in dropped]
+        used = [w for w in range(cfg.workers) if wts[w] > 0 and w not in dropped]
         decoded = {}
-        for w in range(WORKERS):
-            info = TensorInfo(e.key, e.shape, worker=w, world=WORKERS, step=step, seed=cfg.seed, weight=wts[w],
+        for w in range(cfg.workers):
+            info = TensorInfo(e.key, e.shape, worker=w, world=cfg.workers, step=step, seed=cfg.seed, weight=wts[w],
                               weight_sum=None if weights is None else float(sum(wts)))
             e_before = _residuals(ex[w].before, spec).get(e.key) if ef else None
             u = flat[w].to(torch.float32) + (e_before if e_before is not None else 0) if ef else flat[w]
@@ -255,7 +255,7 @@ def _check_exchange(cfg: RunConfig, ex: list[Exchange]) -> list[str]:
             expected = _linear_mean(base, e, ex, flat, wts, step, cfg, decoded)
         else:
             expected = base.aggregate([decoded[w] for w in used], [wts[w] for w in used])
-        for w in range(WORKERS):
+        for w in range(cfg.workers):
             if not torch.allclose(out[w], expected.to(torch.float32), atol=1e-6, rtol=1e-5):
                 problems.append(f"applied: {where}: worker {w}'s result is not the aggregate of the used contributions "
                                 f"(max diff {float((out[w] - expected).abs().max()):.3g})")
@@ -270,15 +270,15 @@ def _lossy(cfg: RunConfig) -> bool:
 def _linear_mean(base: Codec, e, ex, flat, wts, step, cfg, decoded) -> torch.Tensor:
     """A single-round linear codec's all-reduce: fields scaled by the weights, summed in rank order, decoded."""
     total = None
-    for w in range(WORKERS):
-        info = TensorInfo(e.key, e.shape, worker=w, world=WORKERS, step=step, seed=cfg.seed)
+    for w in range(cfg.workers):
+        info = TensorInfo(e.key, e.shape, worker=w, world=cfg.workers, step=step, seed=cfg.seed)
         e_before = _residuals(ex[w].before, base.spec + "+ef").get(e.key)
         u = flat[w].to(torch.float32) + e_before if e_before is not None else flat[w]
         fields = base.encode(u, info).fields
         if wts[w] != 1.0:
             fields = tuple(f * wts[w] for f in fields)
         total = fields if total is None else tuple(a + b for a, b in zip(total, fields))
-    info = TensorInfo(e.key, e.shape, worker=0, world=WORKERS, step=step, seed=cfg.seed)
+    info = TensorInfo(e.key, e.shape, worker=0, world=cfg.workers, step=step, seed=cfg.seed)
     return base.decode(Packet(base.name, e.numel, total), info).to(torch.float32) / float(sum(wts))
 
 
@@ -289,13 +289,13 @@ def _check_two_phase(cfg: RunConfig, e, ex, flat, out, wts, where) -> list[str]:
     ef = isinstance(e.codec, ErrorFeedback)
     spec, step = e.codec.spec, ex[0].step
     base = _base(e.codec)
-    for j, (lo, hi) in enumerate(shard_bounds(e.numel, WORKERS)):
+    for j, (lo, hi) in enumerate(shard_bounds(e.numel, cfg.workers)):
         if hi == lo:
             continue
-        name = f"{e.key}#{j}/{WORKERS}"
+        name = f"{e.key}#{j}/{cfg.workers}"
         decoded = []
-        for w in range(WORKERS):
-            info = TensorInfo(name, (hi - lo,), worker=w, world=WORKERS, step=step, seed=cfg.seed, weight=wts[w],
+        for w in range(cfg.workers):
+            info = TensorInfo(name, (hi - lo,), worker=w, world=cfg.workers, step=step, seed=cfg.seed, weight=wts[w],
                               weight_sum=float(sum(wts)))
             e_before = _residuals(ex[w].before, spec).get(name) if ef else None
             x = flat[w][lo:hi].to(torch.float32)
@@ -308,7 +308,7 @@ def _check_two_phase(cfg: RunConfig, e, ex, flat, out, wts, where) -> list[str]:
                 if e_after is None or not torch.allclose(e_after + d, u, atol=1e-5, rtol=1e-5):
                     problems.append(f"memory: {where}: worker {w} shard {j}: e_after + applied != e_before + input")
         reduced = base.aggregate([d for d, _ in decoded], [wt for _, wt in decoded])
-        owner_info = TensorInfo(f"{name}@owner", (hi - lo,), worker=j, world=WORKERS, step=step, seed=cfg.seed)
+        owner_info = TensorInfo(f"{name}@owner", (hi - lo,), worker=j, world=cfg.workers, step=step, seed=cfg.seed)
         o_before = _residuals(ex[j].before, "owner:" + spec).get(owner_info.name) if ef else None
         u = reduced + o_before if o_before is not None else reduced
         applied = _own(e.codec, u, owner_info)
@@ -316,7 +316,7 @@ def _check_two_phase(cfg: RunConfig, e, ex, flat, out, wts, where) -> list[str]:
             o_after = _residuals(ex[j].after, "owner:" + spec).get(owner_info.name)
             if o_after is None or not torch.allclose(o_after + applied, u, atol=1e-5, rtol=1e-5):
                 problems.append(f"memory: {where}: owner {j}: e_after + applied != e_before + aggregate")
-        for w in range(WORKERS):
+        for w in range(cfg.workers):
             if not torch.allclose(out[w][lo:hi], applied, atol=1e-6, rtol=1e-5):
                 problems.append(f"applied: {where}: worker {w}'s shard {j} is not the owner's decoded re-encoding")
                 break

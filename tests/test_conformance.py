@@ -77,6 +77,27 @@ def test_the_refusals_are_for_reasons_not_tastes():
     assert reason(codec="none", fault="lose", strategy="allgather") == ""  # in frames, a lost one is dropped
 
 
+def test_a_single_worker_conforms_on_both_paths_of_gathered_frames():
+    """One worker (a single GPU on NCCL, where the device path is the default) exchanges with itself: every
+    cell without faults conforms, with its frames parsed on the host and handled on the device. (Frames stacked
+    into one row broke the device path's field views twice: at odd byte offsets, and for empty fields.)"""
+    ran, failed = 0, []
+    for cell in cells():
+        if cell.fault != "none":
+            continue
+        try:
+            cfg = cell_config(cell, workers=1)
+        except ConfigError:
+            continue
+        for device in (False, True):
+            problems = check(cfg, simulate(cfg, device_frames=device))
+            ran += 1
+            if problems:
+                failed.append((cell, device, problems[:3]))
+    assert not failed, "\n".join(f"{c} (device path: {d}): {p}" for c, d, p in failed[:20])
+    assert ran > 600
+
+
 def test_direct_gather_conforms_in_every_cell_that_gathers_frames():
     """``compression.gather=direct``: every cell that all-gathers frames (gather codecs, LAQ, two-phase shards)
     sends them by all-to-all instead, unpadded, and conforms, on the host or the device path (each cell on the
