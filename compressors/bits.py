@@ -21,6 +21,7 @@ import math
 import torch
 
 from compressors.packet import PacketError
+from compressors.staging import host_kernels
 
 #: Elements per slice on the CPU (a multiple of 8, so every slice packs to whole bytes).
 SLICE = 1 << 16
@@ -41,7 +42,7 @@ def _arange(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> t
 def slices(n: int, device: torch.device, multiple: int = 8) -> list[tuple[int, int]]:
     """``[lo, hi)`` ranges covering ``n`` elements: cache-sized on the CPU (each a multiple of
     ``multiple`` and of 8, except the last), the whole range elsewhere."""
-    if device.type != "cpu" or n <= SLICE:
+    if not host_kernels(device) or n <= SLICE:
         return [(0, n)]
     unit = math.lcm(multiple, 8)
     step = max(unit, SLICE // unit * unit)

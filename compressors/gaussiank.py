@@ -28,6 +28,7 @@ from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.jit import compiled
 from compressors.packet import Packet
 from compressors.sparse_index import check_density, densify, density_count, sparse_fields
+from compressors.staging import host_kernels
 
 
 @compiled
@@ -87,7 +88,7 @@ class GaussianK(Codec):
         k = density_count(self.density, u.numel())
         std, mean = torch.std_mean(u, correction=0)
         thr = mean + std * NormalDist().inv_cdf(1.0 - self.density / 2.0)
-        if u.device.type == "cpu" and u.is_contiguous():
+        if host_kernels(u.device) and u.is_contiguous():
             return self._refine_compiled(u, thr, k)
         return self._refine_tensor(u, thr, k)
 
@@ -108,7 +109,7 @@ class GaussianK(Codec):
     def select(self, u: torch.Tensor) -> torch.Tensor:
         """Indices (ascending) of the coordinates sent for the flat fp32 vector ``u``."""
         thr, _ = self.threshold(u)
-        if u.device.type == "cpu" and u.is_contiguous():
+        if host_kernels(u.device) and u.is_contiguous():
             idx = torch.from_numpy(_above(u.numpy(), thr.numpy()[()]))
         else:
             idx = (u.abs() > thr).nonzero().reshape(-1)

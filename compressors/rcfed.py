@@ -40,6 +40,7 @@ from compressors.bits import slices
 from compressors.infotheory import ScalarQuantizer
 from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
+from compressors.staging import host_kernels
 
 MIN_RATE, MAX_RATE = 0.05, 4.0
 #: the design rate is ``rate·k/GRID`` for a code ``k`` in ``CODES`` (half to twice the target)
@@ -62,7 +63,7 @@ class _Design:
         """Cell indices of ``z = (u − μ)/σ`` into the integer tensor ``out``; returns their coded length in bits
         under this design's model. On the CPU one compiled pass (the same float32 ``z``, the same
         cells as :meth:`ScalarQuantizer.quantize`); elsewhere tensor operations on the device."""
-        if u.device.type == "cpu" and self.quantizer.size > 1:
+        if host_kernels(u.device) and self.quantizer.size > 1:
             counts = np.zeros(self.quantizer.size, dtype=np.int64)
             _quantize_count(u.to(torch.float32).contiguous().numpy(), np.float32(mu), np.float32(sigma),
                             *self._cpu_grid, out.numpy(), counts)
@@ -214,7 +215,7 @@ class RCFed(Codec):
     def _index_dtype(self, device: torch.device) -> torch.dtype:
         """Cell indices on the CPU take the narrowest type every design of this rate fits (less memory to
         fault in and to read back); on other devices int32, what the tensor quantiser returns."""
-        if device.type != "cpu":
+        if not host_kernels(device):
             return torch.int32
         return torch.uint8 if _design(self.rate, CODES[1]).quantizer.size <= 256 else torch.int16
 

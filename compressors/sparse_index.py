@@ -26,6 +26,7 @@ import torch
 
 from compressors.bits import pack_bits, packed_nbytes, slices, unpack_bits
 from compressors.packet import PacketError
+from compressors.staging import host_kernels
 
 
 #: Elements in the strided sample that sets top-k's candidate threshold.
@@ -131,7 +132,7 @@ def top_magnitudes(x: torch.Tensor, k: int, sync_free: bool | None = None) -> to
     d = x.numel()
     if not 0 < k <= d:
         return torch.empty(0, dtype=torch.int64, device=x.device) if k == 0 else top_magnitudes(x, d, sync_free)
-    if sync_free if sync_free is not None else x.device.type != "cpu":
+    if sync_free if sync_free is not None else not host_kernels(x.device):
         magnitude = x.abs()
         cut = magnitude.topk(k, sorted=False).values.min()                 # the k-th largest
         above = magnitude > cut

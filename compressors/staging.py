@@ -9,10 +9,31 @@ copy has run. On the CPU it is an ordinary tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+
+_DEVICE_KERNELS_ON_CPU = False
+
+
+def host_kernels(device: torch.device) -> bool:
+    """Whether work on ``device`` takes the CPU's own kernels (compiled loops, cache-sized slices, counts read
+    by the host) rather than the tensor operations every other device runs. Inside :func:`device_kernels`
+    CPU tensors take the latter, so a GPU's code paths are tested where no GPU is."""
+    return device.type == "cpu" and not _DEVICE_KERNELS_ON_CPU
+
+
+@contextlib.contextmanager
+def device_kernels() -> Iterator[None]:
+    """Within the block, codecs run CPU tensors through the code paths of other devices (process-wide)."""
+    global _DEVICE_KERNELS_ON_CPU
+    before, _DEVICE_KERNELS_ON_CPU = _DEVICE_KERNELS_ON_CPU, True
+    try:
+        yield
+    finally:
+        _DEVICE_KERNELS_ON_CPU = before
 
 
 def to_device(values: bytes | bytearray | Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor,

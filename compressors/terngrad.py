@@ -27,7 +27,7 @@ from compressors.bits import (
 )
 from compressors.jit import compiled
 from compressors.packet import Packet
-from compressors.staging import to_device
+from compressors.staging import host_kernels, to_device
 
 
 @compiled
@@ -93,7 +93,7 @@ class TernGrad(Codec):
         bound, scale = self._bound_and_scale(flat)
         per_unit = 2.0**32 / torch.where(scale > 0, scale, 1.0)
         gen = info.generator(flat.device)
-        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
+        if host_kernels(flat.device) and flat.dtype == torch.float32 and flat.is_contiguous():
             self._pack_compiled(flat, bound, per_unit, gen, packed)
         else:
             self._pack_tensor(flat, bound, per_unit, gen, packed)

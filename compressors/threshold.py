@@ -27,6 +27,7 @@ from compressors.bits import expect_field, pack_bits, packed_nbytes, unpack_bits
 from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
 from compressors.sparse_index import decode_indices, encode_indices, layout
+from compressors.staging import host_kernels
 
 
 @compiled
@@ -91,7 +92,7 @@ class Threshold(Codec):
 
     def encode(self, x: torch.Tensor, info: TensorInfo) -> Packet:
         g = x.reshape(-1).to(torch.float32)
-        if g.device.type == "cpu" and g.numel():
+        if host_kernels(g.device) and g.numel():
             return self._encode_cpu(g)
         return self._encode_tensor(g)
 
@@ -126,7 +127,7 @@ class Threshold(Codec):
         signs = expect_field(signs, torch.uint8, packed_nbytes(k, 1), "threshold signs")
         code = expect_field(code, torch.uint8, layout(k, n).nbytes, "threshold support")
         out = torch.zeros(n, dtype=torch.float32, device=a.device)
-        if a.device.type == "cpu" and layout(k, n).bitmap and k:
+        if host_kernels(a.device) and layout(k, n).bitmap and k:
             if _fill_support(code.contiguous().numpy(), signs.contiguous().numpy(), a.numpy()[0], k, out.numpy()) != k:
                 raise PacketError(f"threshold: the support bitmap does not hold {k} elements")
             return out

@@ -40,6 +40,7 @@ from compressors.base import Codec, Kind, TensorInfo, register
 from compressors.bits import bucketize_flat, pack_into, packed_nbytes, slices, uniform_lanes, unpack_codes
 from compressors.jit import compiled
 from compressors.packet import Packet, PacketError
+from compressors.staging import host_kernels
 
 #: up to this length the transform is one matrix product with H (one pass; a butterfly takes log2 P)
 _MATMUL_FWHT = 256
@@ -181,9 +182,9 @@ class VQSGD(Codec):
                 rows = fwht(torch.nn.functional.pad(rows, (0, size - m)))
                 safe = safe * math.sqrt(size)
             if self.points == "simplex":
-                index = self._sample_simplex_compiled(rows, safe, u) if rows.device.type == "cpu" \
+                index = self._sample_simplex_compiled(rows, safe, u) if host_kernels(rows.device) \
                     else self._sample(rows / safe, u)
-            elif rows.device.type == "cpu":
+            elif host_kernels(rows.device):
                 index = self._sample_cross_compiled(rows, safe, u)
             else:
                 index = self._sample_cross(rows, safe, u)
