@@ -4,7 +4,6 @@ on every host read (tests/host_reads.py); the CUDA runs of the same checks are a
 
 from __future__ import annotations
 
-import functools
 import zlib
 
 import numpy as np
@@ -17,8 +16,7 @@ from compressors import (FrameLayout, Kind, Packet, TensorInfo, frame_tensor, la
 from compressors.crc import RESIDUE, combine, crc32, frame_crc
 from compressors.policy import Policy
 from compressors.sparse_index import top_magnitudes
-from compressors.terngrad import TernGrad
-from compressors.vqsgd import VQSGD
+from compressors.staging import device_kernels
 from rayq.collective import CompressedGroup, Ledger
 from rayq.faults import FaultKind, tamper
 from rayq.transport import run_local
@@ -39,6 +37,13 @@ VARIANTS = {
     "vqsgd": [{}, {"points": "simplex", "block": 64}, {"points": "hadamard", "block": 24},
               {"points": "cross", "block": 3, "reps": 5}],
 }
+
+
+@pytest.fixture
+def gpu_kernels():
+    """Codecs take the code paths they take off the CPU (the compiled CPU passes read arrays back)."""
+    with device_kernels():
+        yield
 
 
 # ---------------------------------------------------------------------------------------- CRC-32
@@ -290,15 +295,12 @@ def _guard_receiving(monkeypatch) -> None:
     ("topk", True, "exchange"), ("qsgd", True, "exchange"), ("vqsgd", False, "exchange"),
     ("laq", False, "exchange"), ("sign", False, "receive"), ("ef_sign", True, "receive")])
 def test_the_device_exchange_reads_nothing_back_and_matches_the_host_parse_with_a_corrupted_frame(codec, ef, guard,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch,
+                                                                                                  gpu_kernels):
     """Worker 2's frame is corrupted at step 1: both paths drop it on every worker, keep its sender's error
     feedback memory, and give the same averages; the device path does it without one host read, encoding
-    included (topk, terngrad and vqsgd take the paths they take off the CPU: the compiled CPU passes read
-    arrays). sign and ef_sign read one value each when encoding (whether there are exact zeros), which
+    included (the codecs take the paths they take off the CPU: the compiled CPU passes read arrays). sign and ef_sign read one value each when encoding (whether there are exact zeros), which
     decides their layout; from the gathered frames on they read nothing either."""
-    monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
-    monkeypatch.setattr(TernGrad, "_pack_compiled", TernGrad._pack_tensor)
-    monkeypatch.setattr(VQSGD, "_sample_cross_compiled", VQSGD._sample_cross)
     world, damage = 4, (2, 1)
     host = run_local(world, _train_exchange, codec, ef, False, damage, None, False)
     if guard == "receive":
@@ -333,11 +335,10 @@ def test_a_single_workers_device_exchange_matches_the_host_parse(codec, ef):
 
 
 @pytest.mark.parametrize("codec,ef", [("int8", False), ("topk", True), ("laq", False)])
-def test_the_device_exchange_under_direct_gather_reads_nothing_back_and_matches_padded(codec, ef, monkeypatch):
+def test_the_device_exchange_under_direct_gather_reads_nothing_back_and_matches_padded(codec, ef, gpu_kernels):
     """compression.gather=direct hands the device path one unpadded frame per peer (from an all-to-all)
     instead of rows of one all-gather: same checks, same drop of the corrupted frame, bit-identical
     averages and memories, and still no host read in the whole exchange."""
-    monkeypatch.setattr("compressors.topk.top_magnitudes", functools.partial(top_magnitudes, sync_free=True))
     world, damage = 4, (2, 1)
     padded = run_local(world, _train_exchange, codec, ef, True, damage, None, False)
     direct = run_local(world, _train_exchange, codec, ef, True, damage, None, True, gather="direct")
