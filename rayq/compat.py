@@ -48,6 +48,12 @@ def gather_route(codec: Codec, strategy: str) -> bool:
     return strategy == "allgather" or (strategy == "auto" and codec.kind is Kind.GATHER)
 
 
+def frames_gathered(codec: Codec, strategy: str) -> bool:
+    """Whether any of ``codec``'s frames are all-gathered: on the gather route, or as two-phase's re-encoded
+    shards (what ``compression.gather`` acts on)."""
+    return strategy == "two_phase" or gather_route(codec, strategy)
+
+
 @dataclass(frozen=True)
 class Setup:
     """The parts of a run config that decide compatibility."""
@@ -146,7 +152,7 @@ def _gather_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
     if s.trainer == "ddp" and cfg.ddp.hook != "rayq":
         return [f"{key} is invalid with {p}ddp.hook={cfg.ddp.hook!r}: PyTorch's hook all-reduces dense or low-rank "
                 "buffers and gathers no frames; use ddp.hook=rayq, or leave compression.gather=padded"]
-    if s.schedule == "laq" or s.strategy == "two_phase" or any(gather_route(c, s.strategy) for _, c in s.codecs):
+    if s.schedule == "laq" or any(frames_gathered(c, s.strategy) for _, c in s.codecs):
         return []
     names = ", ".join(f"{k}={c.name!r}" for k, c in s.codecs)
     return [f"{key} is invalid with {names} under {p}compression.strategy={s.strategy!r}: these packets are summed "

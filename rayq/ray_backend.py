@@ -49,7 +49,8 @@ import torch
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 
 from compressors.policy import Policy
-from rayq.collective import CompressedGroup, Ledger, check_strategy, route
+from rayq.collective import CompressedGroup, Ledger, check_strategy
+from rayq.compat import frames_gathered
 from rayq.transport import GATHER_MODES, TorchTransport
 
 BACKEND = "RAYQ"
@@ -77,7 +78,7 @@ class GroupOptions:
         check_strategy(self.codec, self.strategy)
         if self.gather not in GATHER_MODES:
             raise ValueError(f"gather={self.gather!r} is unknown; choose one of: {', '.join(GATHER_MODES)}")
-        if self.gather == "direct" and route(codec, self.strategy) == "allreduce":
+        if self.gather == "direct" and not frames_gathered(codec, self.strategy):
             raise ValueError(f"gather='direct' is invalid with codec={self.codec!r} under strategy={self.strategy!r}: "
                              "its packets are summed in an all-reduce, so no frame is all-gathered and the setting "
                              "would do nothing; choose a gather codec, strategy allgather or two_phase, or leave "
