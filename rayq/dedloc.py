@@ -24,6 +24,7 @@ import torch
 
 from compressors import Kind, Packet, PacketError, TensorInfo, unpack_frame
 from compressors.base import mix_seed
+from compressors.dense import NoCompression
 from compressors.policy import Entry, Policy
 from rayq.faults import FaultKind
 from rayq.netsim import Link, ring_allgather_time, transfer_seconds
@@ -160,10 +161,41 @@ class FrameSize:
         return self.linear + self.gather
 
 
-def pack_payload(entries: Sequence[Entry], packets: Sequence[Packet]) -> tuple[bytes, FrameSize]:
-    """The frame (``pack_frame``'s bytes) and its size split by codec kind."""
+#: The key of a frame's last packet when the model has floating-point buffers: the peer's BatchNorm running
+#: statistics after its micro-batches, fp32 and uncompressed, averaged by samples like the gradients.
+BUFFERS = "<buffers>"
+_BUFFER_CODEC = NoCompression()
+
+
+def float_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers that training changes and averaging combines (BatchNorm's running mean and variance)."""
+    return [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def buffers_packet(model: torch.nn.Module) -> Packet | None:
+    bufs = float_buffers(model)
+    if not bufs:
+        return None
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float32) for _, b in bufs])
+    return _BUFFER_CODEC.encode(flat, TensorInfo(BUFFERS, (flat.numel(),)))
+
+
+def load_buffers(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for _, b in float_buffers(model):
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def pack_payload(entries: Sequence[Entry], packets: Sequence[Packet],
+                 buffers: Packet | None = None) -> tuple[bytes, FrameSize]:
+    """The frame (``pack_frame``'s bytes, the buffers' packet last) and its size split by codec kind (the
+    buffers are averaged like a linear codec's packets)."""
     parts = [p.to_bytes() for p in packets]
     linear = sum(len(b) for e, b in zip(entries, parts) if e.codec.kind is Kind.LINEAR)
+    if buffers is not None:
+        parts.append(buffers.to_bytes())
+        linear += len(parts[-1])
     frame = b"".join(parts)
     return frame, FrameSize(linear, len(frame) - linear)
 
@@ -218,20 +250,33 @@ class Aggregator:
     mean gradient over every sample of the round. Gather codecs with their own server rule (signSGD's
     majority vote) use it, with the sample counts as weights."""
 
-    def __init__(self, policy: Policy, shapes: dict[str, tuple[int, ...]], seed: int, world: int) -> None:
+    def __init__(self, policy: Policy, shapes: dict[str, tuple[int, ...]], seed: int, world: int,
+                 buffers: int = 0) -> None:
         self.policy, self.shapes, self.seed, self.world = policy, dict(shapes), seed, world
         self.entries = policy.plan(self.shapes)
+        self.buffers = buffers  # elements of the model's float buffers (0: frames carry none)
 
     def decode(self, frame: bytes, peer: int, round_id: int) -> dict[str, torch.Tensor]:
-        """``{entry key: flat tensor}``; raises ``PacketError`` for lost, truncated or corrupted bytes."""
+        """``{entry key: flat tensor}`` (and :data:`BUFFERS`); raises ``PacketError`` for lost, truncated or
+        corrupted bytes."""
         if not frame:
             raise PacketError("empty payload")
-        packets = unpack_frame(frame, len(self.entries))
+        packets = unpack_frame(frame, len(self.entries) + bool(self.buffers))
         out = {}
         for e, p in zip(self.entries, packets):
             info = TensorInfo(e.key, e.shape, worker=peer, world=self.world, step=round_id, seed=self.seed)
             out[e.key] = e.codec.decode(p, info)
+        if self.buffers:
+            out[BUFFERS] = _BUFFER_CODEC.decode(packets[-1], TensorInfo(BUFFERS, (self.buffers,)))
+            if out[BUFFERS].numel() != self.buffers:
+                raise PacketError(f"buffers: {out[BUFFERS].numel()} elements, the model has {self.buffers}")
         return out
+
+    def average_buffers(self, decoded: Sequence[dict[str, torch.Tensor]], samples: Sequence[int]) -> torch.Tensor:
+        """The sample-weighted mean of the peers' buffers (BatchNorm statistics: "average them", DeDLOC's rule
+        for local statistics under averaging)."""
+        total = float(sum(samples))
+        return sum(d[BUFFERS] * (n / total) for d, n in zip(decoded, samples))  # type: ignore[return-value]
 
     def average(self, decoded: Sequence[dict[str, torch.Tensor]], samples: Sequence[int]) -> dict[str, torch.Tensor]:
         """The sample-weighted mean, per parameter name (shapes restored)."""
@@ -283,6 +328,7 @@ class Verdict(enum.Enum):
     LOST = "lost"        # never arrived
     LATE = "late"        # arrived after the round's deadline (simulated)
     DAMAGED = "damaged"  # arrived in time, failed to decode (PacketError)
+    NONFINITE = "nonfinite"  # arrived in time and decoded, but holds NaN or Inf
 
 
 @dataclass
@@ -306,7 +352,8 @@ def judge(r: int, plan: RoundPlan, payloads: Sequence[Payload], delays: Mapping[
     """Which payloads of round ``r`` count. A payload is ready when its peer joins the averaging
     (``plan.joined_at``) and reaches the aggregator ``delays[peer]`` simulated seconds later; past the round's
     deadline (close + matchmaking) it is late. A lost one never arrives; a damaged one arrives (its bytes
-    crossed the wire, its peer is in the averaging group) but fails to decode (``PacketError``)."""
+    crossed the wire, its peer is in the averaging group) but fails to decode (``PacketError``). One that decodes
+    to NaN or Inf (a diverged peer, a codec's overflow) is ``NONFINITE``: it would poison the mean of all."""
     out = RoundResult(averaging_at=plan.averaging_at)
     for pl in payloads:
         arrives = plan.joined_at.get(pl.peer, plan.close) + delays.get(pl.peer, 0.0)
@@ -322,9 +369,16 @@ def judge(r: int, plan: RoundPlan, payloads: Sequence[Payload], delays: Mapping[
         out.bytes_up += len(pl.frame)
         out.averaging_at = max(out.averaging_at, arrives)
         try:
-            out.accepted.append((pl, aggregator.decode(pl.frame, pl.peer, r)))
-            out.verdicts[pl.peer] = Verdict.ACCEPTED
+            decoded = aggregator.decode(pl.frame, pl.peer, r)
         except Exception as err:  # noqa: BLE001 - PacketError, or a codec refusing damaged fields
             out.verdicts[pl.peer] = Verdict.DAMAGED
             out.notes[pl.peer] = f"{type(err).__name__}: {err}"
+            continue
+        bad = [k for k, t in decoded.items() if t.numel() and not bool(torch.isfinite(t).all())]
+        if bad:
+            out.verdicts[pl.peer] = Verdict.NONFINITE
+            out.notes[pl.peer] = f"NaN/Inf in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+            continue
+        out.accepted.append((pl, decoded))
+        out.verdicts[pl.peer] = Verdict.ACCEPTED
     return out

@@ -4,8 +4,10 @@ One host keeps one model replica and, per hosted peer, its own codec state (a :c
 memories) and data order. For each :class:`Job` it first closes the peer's previous exchange — it resets the
 codec state when the peer downloaded the state, else it settles every packet of the previous payload with
 whether that payload was applied (``Codec.settle``: error feedback commits ``e = u − D(C(u))`` only then, and
-keeps ``e = u`` for a payload that was lost, damaged or late) — then computes the planned micro-batches on
-real data, encodes them and replies with the packets' bytes. A crash takes every hosted peer down.
+keeps ``e = u`` for a payload that arrived damaged; a peer whose payload was lost or late, or held NaN/Inf,
+downloads the state and resets instead) — then computes the planned micro-batches on real data from the round's
+state (BatchNorm statistics included), encodes them and replies with the packets' bytes, the peer's running
+statistics last. A crash takes every hosted peer down.
 
 :class:`RayHosts` is the pool of these actors as :class:`rayq.swarm.Swarm` drives it: run a round's jobs and
 collect the replies (real time only guards against a hung host), crash, kill, and wait for a restart.
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compressors import Codec, TensorInfo
-from rayq.dedloc import Job, Payload, pack_payload, peer_indices
+from rayq.dedloc import Job, Payload, buffers_packet, float_buffers, pack_payload, peer_indices
 from rayq.faults import FaultKind, corrupt_bytes
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ class PeerHost:
 
     def __init__(self, config: dict[str, Any], peers: list[int]) -> None:
         from rayq.config import RunConfig, from_dict
-        from rayq.run import build_policy
+        from rayq.run import build_model, build_policy
         from rayq.tasks import get_task
 
         torch.set_num_threads(1)
@@ -53,7 +55,7 @@ class PeerHost:
         task = get_task(self.cfg.task)
         self.train, _ = task.load(self.cfg.data_dir)
         torch.manual_seed(self.cfg.seed)
-        self.model = task.build_model()
+        self.model = build_model(self.cfg, task)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.policies = {p: build_policy(self.cfg) for p in self.peers}
         self.staged: dict[int, list[tuple[Codec, TensorInfo]]] = {}  # per peer: the packets of its last payload
@@ -70,7 +72,7 @@ class PeerHost:
         if any(j.fault is FaultKind.CRASH for j in jobs):
             os._exit(1)
         self.model.load_state_dict(state)
-        return os.getpid(), [self._job(j) for j in jobs]
+        return os.getpid(), [self._job(j, state) for j in jobs]
 
     def settle(self, peer: int, applied: bool) -> None:
         """Close ``peer``'s previous exchange: commit (applied) or keep (not applied) each packet's memory."""
@@ -81,11 +83,13 @@ class PeerHost:
         self.staged.pop(peer, None)
         self.policies[peer].reset()
 
-    def _job(self, job: Job) -> Payload:
+    def _job(self, job: Job, state: dict[str, torch.Tensor]) -> Payload:
         if job.reset:
             self.reset(job.peer)
         else:
             self.settle(job.peer, job.applied is True)
+        for name, buf in float_buffers(self.model):  # each hosted peer starts from the round's statistics
+            buf.copy_(state[name])
         micro = self.cfg.volunteer.microbatch or self.cfg.batch_size
         samples = job.microbatches * micro
         t0 = time.perf_counter()
@@ -108,7 +112,7 @@ class PeerHost:
             packets.append(e.codec.encode(flat, info))
             staged.append((e.codec, info))
         self.staged[job.peer] = staged
-        frame, size = pack_payload(entries, packets)
+        frame, size = pack_payload(entries, packets, buffers_packet(self.model))
         sent: bytes | None = frame
         if job.fault is FaultKind.CORRUPT:
             sent = corrupt_bytes(frame, self.cfg.seed, job.peer, job.round)

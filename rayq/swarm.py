@@ -261,14 +261,17 @@ class Swarm:
                 self.events.log(r, "dropped", peer, f"payload of round {r} missed the deadline", time_s=self.now)
             elif verdict is Verdict.DAMAGED:
                 self.events.log(r, "dropped", peer, f"payload failed to decode ({result.notes[peer]})", time_s=self.now)
+            elif verdict is Verdict.NONFINITE:
+                self.events.log(r, "nonfinite", peer, f"payload not finite ({result.notes[peer]}): dropped; the peer "
+                                "downloads the state and resets its codec state", time_s=self.now)
         return result
 
     def finish(self, r: int, slots: list[PeerSlot], plan: RoundPlan, result: RoundResult, applied: bool,
                end: float) -> None:
         """Close round ``r`` at simulated time ``end``: account each peer's compute as used or wasted, remember
         whether its payload was applied (``applied``: the optimizer stepped), and move its clock. A peer in the
-        averaging group holds the new state; one that missed it downloads the state before computing again,
-        except while a partition cuts it off (it downloads when the partition heals)."""
+        averaging group holds the new state; one that missed it, or sent NaN/Inf, downloads the state before computing
+        again, except while a partition cuts it off (it downloads when the partition heals)."""
         used = {pl.peer for pl, _ in result.accepted} if applied else set()
         for s in slots:
             p, k = self.peers[s.peer], plan.microbatches[s.peer]
@@ -287,9 +290,9 @@ class Swarm:
             p.clock = end
             if self.partitioned(s.peer, r):
                 continue
-            if s.peer in result.frames:
+            if s.peer in result.frames and result.verdicts[s.peer] is not Verdict.NONFINITE:
                 p.synced, p.needs_state = r + 1, False
-            else:
+            else:  # missed the averaging, or diverged (its error-feedback memory would carry the NaN/Inf on)
                 p.needs_state = True
         self.now = end
 

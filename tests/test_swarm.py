@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from rayq.config import load_config
-from rayq.dedloc import (Aggregator, FrameSize, Job, RoundPlan, RoundResult, Verdict, averaging_seconds, pack_payload,
-                         plan_round, state_nbytes)
-from rayq.errors import TrainingError
+from rayq.dedloc import (BUFFERS, Aggregator, FrameSize, Job, RoundPlan, RoundResult, Verdict, averaging_seconds,
+                         buffers_packet, float_buffers, pack_payload, peer_indices, plan_round, state_nbytes)
+from rayq.errors import NonFiniteGradientError, TrainingError
 from rayq.faults import FaultKind
 from rayq.netsim import Link
 from rayq.peer_host import PeerHost, Reply, ReplyStatus, host_layout
@@ -104,7 +104,8 @@ class World:
         torch.manual_seed(cfg.seed)
         self.model = get_task(cfg.task).build_model()
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
-        self.aggregator = Aggregator(build_policy(cfg), shapes, cfg.seed, cfg.workers)
+        self.aggregator = Aggregator(build_policy(cfg), shapes, cfg.seed, cfg.workers,
+                                     sum(b.numel() for _, b in float_buffers(self.model)))
         self.run_dir = tmp_path
 
     def play(self, r: int, nbytes: int = 50_000) -> Played | None:
@@ -168,6 +169,111 @@ def test_a_corrupted_payload_keeps_its_whole_compensated_input_in_the_memory(tmp
     e_after = _residuals(host, 0)
     for name in g:
         torch.testing.assert_close(e_after[name], e_before[name] + g[name], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- NaN/Inf contributions
+
+
+def _spike(host: PeerHost, factor: float) -> None:
+    """Scale the host's training inputs (a bad batch: ×1e8 overflows fp16)."""
+    host.train = type(host.train)(host.clean.x * factor, host.clean.y)
+
+
+def test_a_non_finite_payload_is_dropped_alone_and_its_peer_resets_its_error_feedback(tmp_path):
+    """fp16 + error feedback, one round in which peer 0's gradient overflows fp16: its payload (and only its) is
+    dropped as NONFINITE, the others are averaged and the step is taken; peer 0 downloads the state and resets
+    its memory, so the next rounds are accepted (before: its inf stayed in e = u and no round stepped again)."""
+    w = World(tmp_path, _cfg("compression.codec=fp16", "compression.error_feedback=true", "compression.min_numel=0",
+                             workers=3))
+    host = w.pool.hosts[0]
+    host.clean = host.train
+    rounds = []
+    for r in range(6):
+        _spike(host, 1e8 if r == 2 else 1.0)
+        rounds.append(w.play(r))
+    bad = rounds[2].result
+    assert bad.verdicts == {0: Verdict.NONFINITE, 1: Verdict.ACCEPTED, 2: Verdict.ACCEPTED}
+    assert [pl.peer for pl, _ in bad.accepted] == [1, 2] and 0 in bad.frames  # its bytes crossed the wire
+    assert ("nonfinite", 2, 0) in w.seen() and "NaN/Inf in" in bad.notes[0]
+    assert _job(rounds[3], 0).reset and w.swarm.totals.downloads == 1
+    for r in (3, 4, 5):
+        assert set(rounds[r].result.verdicts.values()) == {Verdict.ACCEPTED}, r
+    assert all(bool(torch.isfinite(e).all()) for e in _residuals(host, 0).values())
+
+
+class LocalPool(LocalHosts):
+    """:class:`LocalHosts` with RayHosts' face, so that ``trainers.volunteer.run`` runs in-process."""
+
+    def __init__(self, cfg, host_cls=PeerHost) -> None:
+        super().__init__(cfg)
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@pytest.fixture
+def run_volunteer(monkeypatch, tmp_path):
+    import trainers.volunteer as tv
+    from rayq.launch.driver import resolve
+
+    monkeypatch.setattr(tv, "RayHosts", LocalPool)
+
+    def run(*sets: str, workers: int = 3, name: str = "run"):
+        (tmp_path / name).mkdir()
+        return tv.run(resolve(_cfg(*sets, workers=workers)), tmp_path / name)
+    return run
+
+
+def test_on_nonfinite_raise_stops_a_volunteer_run_naming_the_peers(run_volunteer):
+    with pytest.raises(NonFiniteGradientError, match=r"round \d+: a contribution is not finite .*peer 0: NaN/Inf in"):
+        run_volunteer("optimizer.lr=1e30", "max_steps=6", "compression.codec=int8")
+
+
+def _bn_digits() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 10))
+
+
+@pytest.fixture
+def bn_digits(monkeypatch):
+    """The digits task with a BatchNorm layer (in-process hosts see the same task table)."""
+    import dataclasses
+
+    from rayq import tasks
+
+    monkeypatch.setitem(tasks.TASKS, "digits", dataclasses.replace(tasks.TASKS["digits"], build_model=_bn_digits))
+
+
+def test_peers_send_their_batchnorm_statistics_and_the_driver_averages_them_by_samples(bn_digits, tmp_path,
+                                                                                        run_volunteer):
+    """Each payload ends with the peer's running statistics after its micro-batches, computed from the round's
+    state (exactly: recomputed here from the peer's own samples) and counted in its bytes; the driver's model
+    takes their sample-weighted mean, so evaluation and the checkpoint use trained statistics."""
+    w = World(tmp_path / "w", _cfg("compression.codec=topk", "compression.error_feedback=true", "volunteer.actors=1",
+                                   workers=3))
+    assert w.aggregator.buffers == 32  # running mean and variance of 16 features
+    played = w.play(0)
+    for pl, decoded in played.result.accepted:
+        job = _job(played, pl.peer)
+        model = _bn_digits()
+        model.load_state_dict(w.model.state_dict())
+        data = w.pool.hosts[0].train
+        idx = peer_indices(w.cfg.seed, pl.peer, job.cursor, pl.samples, len(data))
+        for part in idx.split(w.cfg.batch_size):
+            model(data.x[part])
+        want = torch.cat([b.reshape(-1) for _, b in float_buffers(model)])
+        torch.testing.assert_close(decoded[BUFFERS], want, rtol=0, atol=1e-6)
+        sent = buffers_packet(model).to_bytes()  # on the wire, and counted with the linear (averaged) bytes
+        assert pl.frame.endswith(sent) and pl.size.linear >= len(sent) and pl.size.total == len(pl.frame)
+
+    out = run_volunteer("compression.codec=topk", "compression.error_feedback=true", "max_steps=4", "eval_every=2",
+                        "report_every=2", name="bn")
+    state = torch.load(Path(out["checkpoint"]) / "model.pt", weights_only=False)["model"]
+    assert float(state["1.running_mean"].abs().max()) > 0.05 and float((state["1.running_var"] - 1).abs().max()) > 0.05
+    assert out["comm/bytes_up"] > 0 and out["time/step_s"] > 0  # the last report's window, not an empty one
 
 
 # ---------------------------------------------------------------------------------------- simulated deadline

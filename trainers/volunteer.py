@@ -28,9 +28,11 @@ import torch.nn.functional as F
 
 from rayq import checkpoint as ckpt
 from rayq.config import RunConfig
-from rayq.dedloc import Aggregator, averaging_seconds, plan_round, state_nbytes
+from rayq.dedloc import (Aggregator, RoundResult, Verdict, averaging_seconds, float_buffers, load_buffers, plan_round,
+                         state_nbytes)
+from rayq.errors import NonFiniteGradientError
 from rayq.peer_host import PeerHost, RayHosts
-from rayq.run import build_optimizer, build_policy
+from rayq.run import build_model, build_optimizer, build_policy
 from rayq.swarm import Swarm
 from rayq.tasks import Split, get_task
 from rayq.telemetry import EventLog, TensorBoardLog
@@ -60,10 +62,11 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None, *, host_cls: type[PeerH
     rounds = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / v.target_batch_size))  # type: ignore[operator]
 
     torch.manual_seed(cfg.seed)
-    model = task.build_model()
+    model = build_model(cfg, task)
     optimizer = build_optimizer(cfg, model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    aggregator = Aggregator(build_policy(cfg), {n: tuple(p.shape) for n, p in params}, cfg.seed, cfg.workers)
+    aggregator = Aggregator(build_policy(cfg), {n: tuple(p.shape) for n, p in params}, cfg.seed, cfg.workers,
+                            buffers=sum(b.numel() for _, b in float_buffers(model)))
     elements = sum(p.numel() for _, p in params)
     sample_s = v.sample_time_s or _measure_sample_time(model, train, micro)
 
@@ -71,7 +74,7 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None, *, host_cls: type[PeerH
     events = EventLog(run_dir, tb, on_progress)
     with RayHosts(cfg, host_cls) as pool, open(run_dir / "rounds.jsonl", "a") as rounds_log:
         swarm = Swarm(cfg, events, pool)
-        window, total = Window(), Window()
+        window, total, shown = Window(), Window(), Window()
         r, last, last_eval, tta, wall0 = 0, {}, {}, None, time.perf_counter()
         while r < rounds:
             round_wall, start, stragglers = time.perf_counter(), swarm.now, swarm.totals.stragglers
@@ -84,13 +87,17 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None, *, host_cls: type[PeerH
             # ---- the hosts compute their peers' micro-batches; the payloads are judged on the simulated clock
             payloads = swarm.exchange(r, swarm.jobs(r, slots, plan), model.state_dict())
             result = swarm.receive(r, plan, payloads, aggregator)
+            _check_finite(cfg, r, result)
 
             # ---- DeDLOC step: the sample-weighted mean of the accepted contributions
             applied = False
             if result.accepted:
                 mean = aggregator.average([d for _, d in result.accepted], result.samples)
                 applied = _step(optimizer, params, mean)
+                if applied and aggregator.buffers:
+                    load_buffers(model, aggregator.average_buffers([d for _, d in result.accepted], result.samples))
                 if not applied:
+                    _check_finite(cfg, r, result, "the sample-weighted mean of the finite contributions overflowed")
                     events.log(r, "nonfinite", None, "the averaged gradient is not finite: step skipped")
 
             # ---- simulated time: the averaging group combines its frames; everyone else lags
@@ -131,11 +138,11 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None, *, host_cls: type[PeerH
                 tb.scalars(last, r)
                 if report and on_progress is not None:
                     on_progress({**last, "total_steps": rounds})
-                window = Window()
+                window, shown = Window(), window
             if tta is not None and v.stop_at_target:
                 break
 
-    final = {**_metrics(r, len(train), elements, swarm, Window(), total, time.perf_counter() - wall0, last_eval,
+    final = {**_metrics(r, len(train), elements, swarm, shown, total, time.perf_counter() - wall0, last_eval,
                         tta, events), "train/loss": last.get("train/loss", float("nan"))}
     final_dir = run_dir / "checkpoint_final"
     ckpt.save(final_dir, 0, model_state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -148,6 +155,17 @@ def run(cfg: RunConfig, run_dir: Path, on_progress=None, *, host_cls: type[PeerH
     events.close()
     tb.close()
     return {**final, "steps_total": rounds, "checkpoint": str(final_dir)}
+
+
+def _check_finite(cfg: RunConfig, r: int, result: RoundResult, overflow: str | None = None) -> None:
+    """``on_nonfinite=raise``: stop at a peer's NaN/Inf contribution (or an overflowing mean). ``skip`` drops the
+    contribution alone (the peer resynchronises) or, for an overflowing mean, the step."""
+    bad = {p: result.notes[p] for p, v in result.verdicts.items() if v is Verdict.NONFINITE}
+    if cfg.on_nonfinite != "raise" or not (bad or overflow):
+        return
+    what = overflow or "; ".join(f"peer {p}: {note}" for p, note in sorted(bad.items()))
+    raise NonFiniteGradientError(f"round {r}: a contribution is not finite (NaN/Inf): {what}. Lower optimizer.lr, "
+                                 "or set on_nonfinite=skip (drops a non-finite contribution; its peer resynchronises)")
 
 
 def _step(optimizer: torch.optim.Optimizer, params: list[tuple[str, torch.nn.Parameter]],
