@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import re
 import typing
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -110,6 +112,19 @@ class Stateful(Protocol):
 
 
 ExchangeGen = Generator[Packet, Packet, torch.Tensor]
+
+
+def all_finite(state: Any) -> bool:
+    """Whether every floating-point tensor in a (nested) state holds finite values only (one host read each)."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or not state.numel() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    if isinstance(state, float):
+        return math.isfinite(state)
+    return True
 
 #: Measured :meth:`Codec.gaussian_distortion` by (spec, numel).
 _DISTORTION: dict[tuple[str, int], float] = {}
@@ -198,6 +213,19 @@ class Codec:
     def reset(self) -> None:
         """Forget all state (a worker joined or rejoined: a stale memory must not meet a newer model)."""
 
+    def forget(self, keys: set[str]) -> None:
+        """Drop the memory of these tensor keys (and of their two-phase shards, ``key#...``): their gradients now
+        travel under other keys (DDP rebuilt its buckets)."""
+
+    def drop_nonfinite(self) -> list[str]:
+        """After a step skipped for NaN/Inf: forget the state that took them in (it would carry them into every
+        later step); the names of what was dropped. By default all of a codec's state that is not finite is
+        reset; codecs with per-tensor memories drop only the poisoned tensors."""
+        if not self.stateful or all_finite(self.state_dict()):
+            return []
+        self.reset()
+        return [self.spec]
+
     def residual_norm(self) -> float:
         """‖memory‖ over all tensors (0 without one): the figure TensorBoard shows as the EF residual."""
         return 0.0
@@ -269,6 +297,10 @@ def codec_names() -> list[str]:
     return list(REGISTRY)
 
 
+#: A number written the way YAML 1.1 reads as a string ("1e-3", "5e-1"): a user means the number.
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _allowed(field: dataclasses.Field) -> tuple[Any, ...] | None:
     """``Literal[...]`` annotations are the closed set of allowed values."""
     hint = field.type
@@ -295,6 +327,8 @@ def _coerce(codec: str, field: dataclasses.Field, value: Any) -> Any:
             raise CodecError(f"compression.params.{field.name}={value!r} for codec {codec!r} must be true or false")
         return value
     if kind in (int, float):
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CodecError(f"compression.params.{field.name}={value!r} for codec {codec!r} must be a number")
         if kind is int and float(value) != int(value):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from compressors.base import Codec, ExchangeGen, Kind, TensorInfo
+from compressors.base import Codec, ExchangeGen, Kind, TensorInfo, all_finite
 from compressors.packet import Packet
 
 
@@ -138,4 +138,16 @@ class ErrorFeedback(Codec):
     def reset(self) -> None:
         self.residuals.clear()
         self._staged.clear()
+
+    def forget(self, keys: set[str]) -> None:
+        for k in [k for k in self.residuals if k.split("#", 1)[0] in keys]:
+            del self.residuals[k]
+        self.inner.forget(keys)
+
+    def drop_nonfinite(self) -> list[str]:
+        """Forget the memories that hold NaN/Inf (the tensors of a skipped step's bad gradient); keep the others."""
+        bad = [k for k, r in self.residuals.items() if not all_finite(r)]
+        for k in bad:
+            del self.residuals[k]
+        return [f"{self.spec}:{k}" for k in bad] + self.inner.drop_nonfinite()
         self.inner.reset()

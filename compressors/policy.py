@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,8 +30,10 @@ from compressors.error_feedback import ErrorFeedback
 log = logging.getLogger(__name__)
 
 SMALL_BUCKET = "__small__"
-#: Flat buckets are keyed ``__bucket0__``, ``__bucket1__``, ... in the order they fill.
+#: Flat buckets are keyed ``__bucket0__``, ``__bucket1__``, ... in the order they fill; a policy that plans parts
+#: of a model one call at a time (DDP's buckets) keys them by their first and last members instead.
 FLAT_BUCKET = "__bucket{}__"
+FLAT_BUCKET_OF = "__bucket:{}..{}__"
 #: Key prefix of the shard owners' codecs (two-phase reduce) in :meth:`Policy.state_dict`.
 OWNER = "owner:"
 
@@ -70,6 +72,10 @@ class Policy:
         self.min_numel = min_numel
         self.bucket_small = bucket_small
         self.overrides = list(overrides or [])
+        #: ``order``: flat buckets keyed by their place in the plan (one plan per model); ``members``: by their
+        #: members, unique across several plans (each DDP bucket is planned on its own) and stable when DDP
+        #: rebuilds its buckets: the key of a memory then always names the same gradients.
+        self.bucket_keys: Literal["order", "members"] = "order"
         self._codecs: dict[str, Codec] = {}
         self._recipes: dict[int, tuple[str, dict[str, Any], bool]] = {}
         self.default = self._codec(codec, params or {})
@@ -150,7 +156,9 @@ class Policy:
         out = []
         for i, (codec, members) in enumerate(done):
             total = sum(n for _, n in members)
-            out.append(Entry(FLAT_BUCKET.format(i), tuple(n for n, _ in members), tuple(k for _, k in members), (total,),
+            key = (FLAT_BUCKET.format(i) if self.bucket_keys == "order" else
+                   FLAT_BUCKET_OF.format(members[0][0], members[-1][0]))
+            out.append(Entry(key, tuple(n for n, _ in members), tuple(k for _, k in members), (total,),
                              codec, codec.wire_dtype(torch.float32)))
         return out
 
@@ -180,3 +188,12 @@ class Policy:
     def reset(self) -> None:
         for c in self._codecs.values():
             c.reset()
+
+    def forget(self, keys: set[str]) -> None:
+        """Every codec (shard owners' included) drops its memory of these entry keys."""
+        for c in self.stateful_codecs().values():
+            c.forget(keys)
+
+    def drop_nonfinite(self) -> list[str]:
+        """Forget every codec memory (shard owners' included) that took in NaN/Inf: see ``Codec.drop_nonfinite``."""
+        return [name for c in self.stateful_codecs().values() for name in c.drop_nonfinite()]

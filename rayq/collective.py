@@ -469,6 +469,10 @@ class CompressedGroup:
         """Forget every codec state (this worker joined or rejoined)."""
         self.policy.reset()
 
+    def drop_nonfinite(self) -> list[str]:
+        """After a skipped non-finite step: forget the codec memories that took in NaN/Inf."""
+        return self.policy.drop_nonfinite()
+
     def residual_norm(self) -> float:
         return self.policy.residual_norm()
 

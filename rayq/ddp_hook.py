@@ -47,6 +47,10 @@ class RayqHookState:
         self.step = 0
         self.measure = measure
         self.ledger = Ledger()
+        #: Flat-bucket keys planned in this step and the last: DDP rebuilds its buckets after the first step,
+        #: and the memories of keys no longer planned are forgotten (they would stay in every checkpoint).
+        self.flat_keys: set[str] = set()
+        self.last_flat_keys: set[str] = set()
 
     @staticmethod
     def _transport(process_group: Any, gather: str = "padded", ready: bool = False) -> "TorchTransport | None":
@@ -103,12 +107,19 @@ def rayq_hook(state: RayqHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     tensors = {state.names.get(id(p), f"bucket{index}.{i}"): g for i, (p, g) in enumerate(zip(params, grads))}
     averaged, ledger = state.group.allreduce_mean(tensors, state.step, measure=state.measure)
     state.ledger.add(ledger)
+    policy = state.group.policy
+    if policy.bucket_mb is not None:
+        state.flat_keys |= {e.key for e in policy.plan({n: tuple(g.shape) for n, g in tensors.items()})
+                            if e.key.startswith("__bucket")}
     flat = torch.cat([averaged[name].reshape(-1) for name in tensors]).to(buffer.dtype)
     if flat.numel() != buffer.numel():
         raise RuntimeError(f"bucket {index}: gradients hold {flat.numel()} elements, buffer {buffer.numel()}")
     buffer.copy_(flat)
     if bucket.is_last():
         state.step += 1
+        if state.last_flat_keys - state.flat_keys:
+            policy.forget(state.last_flat_keys - state.flat_keys)
+        state.last_flat_keys, state.flat_keys = state.flat_keys, set()
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(buffer)
     return fut
@@ -118,6 +129,7 @@ def register(model: nn.parallel.DistributedDataParallel, policy: Policy, seed: i
              measure: bool = False, gather: str = "padded") -> RayqHookState:
     """Register :func:`rayq_hook` on ``model`` (a DDP module) and return its state. ``gather``: how frames of
     gather codecs cross (``padded`` all-gather or ``direct`` all-to-all, as ``compression.gather``)."""
+    policy.bucket_keys = "members"  # each DDP bucket is planned apart: its flat buckets' memories need own keys
     state = RayqHookState(policy, model.process_group, seed=seed, strategy=strategy, model=model.module,
                           measure=measure, gather=gather)
     model.register_comm_hook(state, rayq_hook)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from compressors import Packet, PacketError, TensorInfo, pack_frame, unpack_frame
+from compressors.base import all_finite
 from rayq.collective import CompressedGroup, Ledger
 from rayq.faults import StepFaults
 from rayq.replica import Backward, Outcome, Replica, run_backward, timed
@@ -146,6 +147,21 @@ class LAQ:
             s.refs[w].zero_()
         if self.group.rank in faults.resync:
             s.force, s.own_err_sq = True, 0.0
+
+    def drop_nonfinite(self) -> list[str]:
+        """After a skipped non-finite step: a worker's reference that took in NaN/Inf is zeroed (the same on every
+        worker: each holds every reference), the aggregate rebuilt from the references, and a worker whose own
+        reference was poisoned uploads in full next round."""
+        s = self.state
+        bad = [w for w in range(s.refs.shape[0]) if not bool(torch.isfinite(s.refs[w]).all())]
+        if not bad and all_finite(s.aggregate) and math.isfinite(s.own_err_sq):
+            return []
+        for w in bad:
+            s.refs[w].zero_()
+        s.aggregate = s.refs.sum(0)
+        if self.group.rank in bad or not math.isfinite(s.own_err_sq):
+            s.force, s.own_err_sq = True, 0.0
+        return [f"laq reference of worker {w}" for w in bad] or ["laq aggregate"]
 
     def invariant_error(self) -> float:
         """|Σ_m Q_m(θ̂_m) − ∇|: zero up to float rounding."""

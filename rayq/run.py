@@ -18,6 +18,7 @@ checkpoint continues bit-exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -43,6 +44,8 @@ from rayq.schedules import Outcome, Replica
 from rayq.tasks import Split, get_task
 from rayq.telemetry import EventLog, TensorBoardLog
 from rayq.transport import Purpose, TorchTransport, Transport
+
+log = logging.getLogger(__name__)
 
 
 #: Extra figures at an evaluation (``privacy/*``, ...); the argument says whether it is the run's last one.
@@ -166,6 +169,13 @@ def metrics_of(done: int, plan: Plan, window: Window, wall_s: float, bytes_total
     if w.distortion is not None:
         m["comm/distortion"] = w.distortion
     return m
+
+
+def forget_nonfinite(tracked: dict[str, Any]) -> list[str]:
+    """After a step skipped for NaN/Inf (``on_nonfinite=skip``): every tracked object forgets the state that took
+    them in (error-feedback memories, PowerSGD's warm start, LAQ's references), which would otherwise carry them
+    into every later step; what was forgotten."""
+    return [name for obj in tracked.values() for name in getattr(obj, "drop_nonfinite", list)()]
 
 
 class Run:
@@ -306,7 +316,12 @@ class Run:
         """Book one step: the simulated clock, the trace, the window; report, evaluate and checkpoint on cadence."""
         ledger = outcome.ledger
         ledger.rank = self.rank
-        self.skipped += int(not outcome.applied)
+        if not outcome.applied:  # skipped for NaN/Inf: no memory may carry them into the next steps
+            self.skipped += 1
+            dropped = forget_nonfinite(self.tracked)
+            if dropped:
+                log.warning("step %d skipped (non-finite); rank %d forgets the state that took in NaN/Inf: %s", step,
+                            self.rank, ", ".join(dropped))
         self.bytes_total += ledger.bytes_up
         self.window.loss += float(loss.detach())
         outcome.resolve()  # the loss read has waited for the device: its frame checks and times are ready too

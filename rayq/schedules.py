@@ -354,17 +354,19 @@ class Periodic:
     """Constant period p (CPSGD / local SGD): local optimizer steps, the model delta averaged every p steps."""
 
     def __init__(self, replica: Replica, group: CompressedGroup, period: int, outer_lr: float = 1.0,
-                 outer_momentum: float = 0.0, sketch: int = 1024, seed: int = 0) -> None:
+                 outer_momentum: float = 0.0, sketch: int = 1024, seed: int = 0, total_steps: int | None = None) -> None:
         if period < 1:
             raise ValueError(f"sync.period={period} must be >= 1")
         self.replica, self.group, self.period = replica, group, period
+        #: The run's last step syncs whatever the period: the final model (evaluated, checkpointed) is the average.
+        self.total_steps = total_steps
         self.averager = ModelAverager(replica, group, outer_lr, outer_momentum, sketch, seed)
         self.last_sync = 0
         self.syncs = 0
         self.variance = 0.0
 
     def should_sync(self, step: int) -> bool:
-        return step + 1 - self.last_sync >= self.period
+        return step + 1 - self.last_sync >= self.period or step + 1 == self.total_steps
 
     def step(self, step: int, faults: StepFaults | None, measure: bool, backward: Backward | None = None) -> Outcome:
         clock = self.replica.clock
@@ -393,13 +395,20 @@ class Periodic:
         return {"sync/count": float(self.syncs), "sync/period": float(self.period), "sync/variance": self.variance}
 
     def state_dict(self) -> dict[str, Any]:
+        """Between syncs every worker has its own model, and always its own inner optimizer state (momentum from
+        its own gradients): both are this worker's, beside the run's copy of rank 0's."""
+        model = {k: v.detach().cpu().clone() for k, v in self.replica.model.state_dict().items()}
         return {"period": self.period, "last_sync": self.last_sync, "syncs": self.syncs, "variance": self.variance,
-                "averager": self.averager.state_dict()}
+                "averager": self.averager.state_dict(),
+                "replica": {"model": model, "optimizer": self.replica.optimizer.state_dict()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.period, self.last_sync, self.syncs = state["period"], state["last_sync"], state["syncs"]
         self.variance = state.get("variance", 0.0)
         self.averager.load_state_dict(state["averager"])
+        if "replica" in state:
+            self.replica.model.load_state_dict(state["replica"]["model"])
+            self.replica.optimizer.load_state_dict(state["replica"]["optimizer"])
 
 
 class Adaptive(Periodic):
@@ -413,8 +422,8 @@ class Adaptive(Periodic):
 
     def __init__(self, replica: Replica, group: CompressedGroup, period: int, p_min: int, p_max: int, kappa: float,
                  omega: float, warmup: int, outer_lr: float = 1.0, outer_momentum: float = 0.0, sketch: int = 1024,
-                 seed: int = 0) -> None:
-        super().__init__(replica, group, period, outer_lr, outer_momentum, sketch, seed)
+                 seed: int = 0, total_steps: int | None = None) -> None:
+        super().__init__(replica, group, period, outer_lr, outer_momentum, sketch, seed, total_steps)
         if not 1 <= p_min <= period <= p_max:
             raise ValueError(f"need 1 <= sync.p_min ({p_min}) <= sync.period ({period}) <= sync.p_max ({p_max})")
         self.p_min, self.p_max, self.kappa, self.omega, self.warmup = p_min, p_max, kappa, omega, warmup
@@ -448,14 +457,16 @@ class Adaptive(Periodic):
 # ---------------------------------------------------------------------------------------- factory
 
 
-def build(cfg: Any, replica: Replica, group: CompressedGroup, steps_per_epoch: int) -> Schedule:
-    """The schedule ``cfg.sync`` names, over ``group``."""
+def build(cfg: Any, replica: Replica, group: CompressedGroup, steps_per_epoch: int,
+          total_steps: int | None = None) -> Schedule:
+    """The schedule ``cfg.sync`` names, over ``group``; model averaging also syncs at ``total_steps``' last step."""
     sc = cfg.sync
     if sc.schedule == "every_step":
         return EveryStep(replica, group, overlap=cfg.compression.overlap)
     if sc.schedule == "laq":
         return LAQ(replica, group, memory=sc.memory, xi=sc.xi, max_skips=sc.max_skips, error_weight=sc.error_weight)
-    common = dict(outer_lr=sc.outer_lr, outer_momentum=sc.outer_momentum, sketch=sc.variance_sketch, seed=cfg.seed)
+    common = dict(outer_lr=sc.outer_lr, outer_momentum=sc.outer_momentum, sketch=sc.variance_sketch, seed=cfg.seed,
+                  total_steps=total_steps)
     if sc.schedule == "periodic":
         return Periodic(replica, group, sc.period, **common)
     warmup = sc.warmup_steps or steps_per_epoch

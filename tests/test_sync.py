@@ -102,7 +102,8 @@ def test_adaptive_controller_shortens_high_variance_periods_and_lengthens_low_on
     restored = _controller(period=4, p_min=1, p_max=64, kappa=1.0, omega=1.0, warmup=8)
     restored.load_state_dict(ada.state_dict())
     mine, theirs = restored.state_dict(), ada.state_dict()
-    assert {k: v for k, v in mine.items() if k != "averager"} == {k: v for k, v in theirs.items() if k != "averager"}
+    assert {k: v for k, v in mine.items() if k not in ("averager", "replica")} == \
+        {k: v for k, v in theirs.items() if k not in ("averager", "replica")}
 
 
 def test_outer_nesterov_step_is_diloco_update_of_the_averaged_delta():
@@ -561,3 +562,133 @@ def test_nonfinite_detection_flags_nan_and_inf_not_huge_finite_values_and_says_w
         with pytest.raises(NonFiniteGradientError, match=rf"step 7: .* worker 3's non-finite local gradients: \['{first}'\]"):
             replica.finite(update, local_bad, 7, "averaged gradient")
     assert not skipping.finite(update, local, 7, "averaged gradient")
+
+
+def _skip_worker(transport, codec: str, ef: bool, schedule: str, strategy: str, forget: bool):
+    """8 steps of 2 workers; worker 1's gradient holds one NaN at step 2 (``on_nonfinite=skip``); after a skipped
+    step the run harness makes the tracked state forget NaN/Inf (``forget``)."""
+    from rayq.run import forget_nonfinite
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 4))
+    init = torch.Generator().manual_seed(0)  # the same start on both threads (they share the global RNG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=init) * 0.2)
+    replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="skip", rank=transport.rank)
+    group = CompressedGroup(Policy(codec, error_feedback=ef, min_numel=0), transport, seed=0, strategy=strategy)
+    sched = EveryStep(replica, group) if schedule == "every_step" else LAQ(replica, group)
+    applied, dropped = [], []
+    for step in range(8):
+        g = torch.Generator().manual_seed(100 * step + transport.rank)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 0.1
+        if step == 2 and transport.rank == 1:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        outcome = sched.step(step, None, measure=False)
+        applied.append(outcome.applied)
+        if not outcome.applied and forget:
+            dropped += forget_nonfinite({"policy": group, "schedule": sched})
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return applied, dropped, finite, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("codec, ef, schedule, strategy", [
+    ("int8", True, "every_step", "auto"),          # error feedback: the residual of the NaN tensor
+    ("qsgd", True, "every_step", "two_phase"),     # and the shard owners' residuals
+    ("powersgd", False, "every_step", "auto"),     # PowerSGD's Q and E (Q is all-reduced: NaN on every worker)
+    ("laq", False, "laq", "auto"),                 # LAQ's references and aggregate (held by every worker)
+])
+def test_a_skipped_non_finite_step_leaves_no_nan_in_codec_or_schedule_state(codec, ef, schedule, strategy):
+    """``on_nonfinite=skip`` skips the bad step only: the state that took the NaN in is forgotten, every later step
+    is applied and the workers stay identical. Without forgetting, the NaN stays in the memory and every later
+    step is skipped (training silently stops)."""
+    stuck = run_local(2, _skip_worker, codec, ef, schedule, strategy, False)
+    assert stuck[0][0] == [True, True] + [False] * 6
+    out = run_local(2, _skip_worker, codec, ef, schedule, strategy, True)
+    for applied, _, finite, _ in out:
+        assert applied == [True, True, False] + [True] * 5 and finite
+    assert out[1][1]  # the worker with the NaN forgot something (the other may have nothing to forget)
+    for a, b in zip(out[0][3], out[1][3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ resume of local SGD
+
+
+def _local_sgd_worker(transport, sets: list[str], total: int, cut: int | None, shared: dict):
+    """``total`` steps of 3 workers under ``sets``; with ``cut``, checkpointed after step ``cut`` as the run
+    harness does (rank 0's model and optimizer for all, each worker's policy and schedule state for itself),
+    rebuilt from scratch and resumed."""
+    import copy
+    import io
+
+    from rayq import schedules
+    from rayq.config import load_config
+    from rayq.run import build_optimizer, build_policy
+
+    cfg = load_config(None, sets + ["workers=3", "optimizer.lr=0.1"])
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(10))
+
+    def make():
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        init = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=init) * 0.2)
+        opt = build_optimizer(cfg, model)
+        group = CompressedGroup(build_policy(cfg), transport, seed=cfg.seed, strategy=cfg.compression.strategy)
+        return model, opt, group, schedules.build(cfg, Replica(model, opt, rank=transport.rank), group, 4, total)
+
+    def steps(model, opt, schedule, a, b):
+        for step in range(a, b):
+            idx = torch.randperm(64, generator=torch.Generator().manual_seed(10 * step + transport.rank))[:16]
+
+            def backward():
+                opt.zero_grad(set_to_none=False)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                return loss
+            schedule.step(step, None, measure=False, backward=backward)
+
+    def saved(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    model, opt, group, schedule = make()
+    steps(model, opt, schedule, 0, cut or total)
+    if cut is not None:
+        if transport.rank == 0:
+            shared["rank0"] = saved({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        mine = saved({"policy": group.state_dict(), "schedule": schedule.state_dict()})
+        transport.all_reduce_sum(torch.zeros(1))  # rank 0's state is shared
+        model, opt, group, schedule = make()
+        rank0 = copy.deepcopy(shared["rank0"])
+        model.load_state_dict(rank0["model"])
+        opt.load_state_dict(rank0["optimizer"])
+        group.load_state_dict(mine["policy"])
+        schedule.load_state_dict(mine["schedule"])
+        steps(model, opt, schedule, cut, total)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("sets", [
+    ["compression.codec=int8", "sync.schedule=periodic", "sync.period=3"],  # SGD momentum 0.9 per worker
+    ["compression.codec=int8", "compression.error_feedback=true", "sync.schedule=periodic", "sync.period=3",
+     "sync.outer_lr=0.7", "sync.outer_momentum=0.5"],                      # DiLoCo
+    ["compression.codec=qsgd", "compression.params.levels=15", "sync.schedule=adaptive", "sync.period=2",
+     "sync.warmup_steps=2"],
+])
+def test_local_sgd_resumed_mid_period_continues_exactly_and_ends_on_the_average(sets):
+    """Between syncs each worker has its own model and, with momentum, its own optimizer state: a checkpoint
+    mid-period keeps both per worker, so the resumed run ends bit-identical to the uninterrupted one (it did
+    not: every worker restarted from rank 0's model and momentum). The last step syncs whatever the period, so
+    the final model, which is evaluated and checkpointed, is the average (10 steps, period 3)."""
+    full = run_local(3, _local_sgd_worker, sets, 10, None, {})
+    resumed = run_local(3, _local_sgd_worker, sets, 10, 4, {})
+    for rank in range(3):
+        for a, b, first in zip(full[rank], resumed[rank], full[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, first, rtol=0, atol=0)  # all workers hold the average at the end

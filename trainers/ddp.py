@@ -78,6 +78,29 @@ class HookState:
     def residual_norm(self) -> float:
         return self.state.group.residual_norm() if isinstance(self.state, RayqHookState) else 0.0
 
+    def drop_nonfinite(self) -> list[str]:
+        """After a skipped non-finite step: rayq's codec memories forget NaN/Inf. PyTorch's PowerSGD state drops
+        a bucket's error where it holds them, and its warm start (P and Q: the hook draws a new Q) where Q does;
+        Q is all-reduced, so every worker drops the same buckets and draws the same new Q."""
+        if isinstance(self.state, RayqHookState):
+            return self.state.group.drop_nonfinite()
+        if self.state is None:
+            return []
+
+        def poisoned(memory: dict) -> list:
+            return [k for k, t in memory.items() if not bool(torch.isfinite(t).all())]
+
+        errors, qs = getattr(self.state, "error_dict", {}), getattr(self.state, "q_memory_dict", {})
+        dropped = []
+        for k in poisoned(errors):
+            del errors[k]
+            dropped.append(f"powersgd error of bucket {k}")
+        for k in poisoned(qs):
+            del qs[k]
+            self.state.p_memory_dict.pop(k, None)
+            dropped.append(f"powersgd warm start of bucket {k}")
+        return dropped
+
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP

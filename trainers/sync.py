@@ -25,7 +25,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     run = Run(loop_config)
     model, optimizer = run.model, run.optimizer
     group = run.group()
-    schedule = schedules.build(run.cfg, run.replica, group, run.plan.steps_per_epoch)
+    schedule = schedules.build(run.cfg, run.replica, group, run.plan.steps_per_epoch, run.plan.total_steps)
     run.track(policy=group, schedule=schedule)
 
     for step in run.steps():
