@@ -10,6 +10,8 @@ conformance tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -232,6 +234,15 @@ def _trainer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
             key = next(iter(sorted(s.fault_keys.values())))
             out.append(f"{key} is invalid with {p}trainer='ddp': PyTorch's DDP hooks have no fault injection; "
                        "choose trainer sync (or volunteer)")
+        if cfg.ddp.hook != "rayq":
+            default = type(cfg.compression)()
+            for f in dataclasses.fields(cfg.compression):
+                value = getattr(cfg.compression, f.name)
+                if f.name != "gather" and value != getattr(default, f.name):  # gather: its own rule, below
+                    out.append(f"{p}compression.{f.name}={value!r} is invalid with {p}ddp.hook={cfg.ddp.hook!r}: "
+                               "PyTorch's hook does its own (dense or low-rank) reduction and reads no compression.* "
+                               "setting; use ddp.hook=rayq, or leave compression.* at its defaults")
+                    break
     if s.trainer == "volunteer":
         if s.schedule != "every_step":
             out.append(f"{p}trainer='volunteer' is invalid with {p}sync.schedule={s.schedule!r}: a DeDLOC round "
@@ -255,6 +266,11 @@ def _trainer_rules(s: Setup, cfg: RunConfig, p: str) -> list[str]:
                        "actors for the peers")
         if s.use_gpu:
             out.append(f"{p}use_gpu=True is invalid with trainer volunteer; its peers run on CPU")
+        if cfg.resume is not None:
+            out.append(f"{p}resume={cfg.resume!r} is invalid with {p}trainer='volunteer': a volunteer run lives in one "
+                       "driver process (a peer's crash never restarts it) and writes only checkpoint_final, the "
+                       "driver's model and optimizer, not the swarm's state; start a new run (trainers sync, ddp and "
+                       "split resume bit-exactly)")
     for i, e in enumerate(cfg.faults.events):
         if e.worker is not None and e.worker >= cfg.workers:
             out.append(f"{p}faults.events[{i}].worker={e.worker!r} is invalid; expected a worker index "

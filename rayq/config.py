@@ -93,6 +93,13 @@ class OptimizerConfig:
                 raise ConfigError(f"{path}.{key}={value!r} is invalid with {path}.name={self.name!r}: it is an option of "
                                   f"{' / '.join(owners)}; leave it unset")
         check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+        if self.nesterov and self.name == "sgd" and self.sgd_momentum == 0:
+            raise ConfigError(f"{path}.nesterov=True is invalid with {path}.momentum=0: Nesterov's look-ahead needs "
+                              f"momentum; set {path}.momentum in (0, 1) or nesterov=false")
+        if self.weight_bits is not None and (self.projection or "binary") != "mbit":
+            raise ConfigError(f"{path}.weight_bits={self.weight_bits!r} is invalid with {path}.projection="
+                              f"{self.projection or 'binary'!r}: bits set the weight levels of projection mbit only; "
+                              f"set {path}.projection=mbit or leave weight_bits unset")
 
 
 @dataclass
@@ -167,8 +174,9 @@ class SyncConfig:
 
     def validate(self, path: str) -> None:
         check(self.period >= 1, f"{path}.period", self.period, "an integer >= 1")
-        check(1 <= self.p_min <= self.period <= self.p_max, f"{path}.p_min/period/p_max",
-               (self.p_min, self.period, self.p_max), "1 <= p_min <= period <= p_max")
+        if self.schedule == "adaptive":  # its bounds; other schedules take any period
+            check(1 <= self.p_min <= self.period <= self.p_max, f"{path}.p_min/period/p_max",
+                  (self.p_min, self.period, self.p_max), "1 <= p_min <= period <= p_max with schedule adaptive")
         check(self.outer_lr > 0, f"{path}.outer_lr", self.outer_lr, "a number > 0")
         check(0 <= self.outer_momentum < 1, f"{path}.outer_momentum", self.outer_momentum, "a number in [0, 1)")
         check(self.kappa > 0, f"{path}.kappa", self.kappa, "a number > 0")

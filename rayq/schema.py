@@ -13,15 +13,16 @@ profiles and Tune search spaces are all built on it.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from typing import Any, Literal
 
 import yaml
 
+from compressors.base import NUMBER
+
 #: A float written the way YAML 1.1 would read as a string ("1e-3"): a user means the number.
-FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+FLOAT = NUMBER
 
 
 class ConfigError(ValueError):

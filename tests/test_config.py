@@ -96,6 +96,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["compression.gather=direct", "trainer=volunteer"], "compression.gather='direct' is invalid with trainer='volunteer'"),
     (["compression.gather=direct", "trainer=ddp", "ddp.hook=powersgd"],
      "compression.gather='direct' is invalid with ddp.hook='powersgd'"),
+    (["trainer=ddp", "ddp.hook=powersgd", "compression.codec=topk"],
+     "compression.codec='topk' is invalid with ddp.hook='powersgd'"),
+    (["trainer=ddp", "ddp.hook=allreduce", "compression.bucket_mb=25"],
+     "compression.bucket_mb=25.0 is invalid with ddp.hook='allreduce'"),
+    (["trainer=volunteer", "resume=/tmp"], "resume='/tmp' is invalid with trainer='volunteer'"),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=True is invalid with optimizer.momentum=0"),
+    (["optimizer.name=blaq", "optimizer.weight_bits=8"],
+     "optimizer.weight_bits=8 is invalid with optimizer.projection='binary'"),
 ])
 def test_settings_that_would_be_silently_ignored_are_config_errors(sets, message):
     if "compression.gather=direct" in sets:  # what it is refused with is fine on its own
@@ -107,3 +115,18 @@ def test_settings_that_would_be_silently_ignored_are_config_errors(sets, message
 def test_sgd_momentum_defaults_to_0_9_and_adam_takes_none():
     assert load_config(None, []).optimizer.sgd_momentum == 0.9
     assert load_config(None, ["optimizer.name=adam"]).optimizer.momentum is None
+
+
+def test_numbers_in_scientific_notation_and_periods_of_plain_local_sgd_are_accepted():
+    """YAML 1.1 reads "5e-1" as a string: codec parameters take it as the number, as typed fields do; the bounds
+    p_min/p_max belong to schedule adaptive, so periodic takes any period."""
+    cfg = load_config(None, ["compression.codec=rcfed", "compression.params.rate=5e-1",
+                             "compression.overrides=[{pattern: '0.*', codec: topk, params: {density: 1e-2}}]"])
+    from rayq.run import build_policy
+
+    policy = build_policy(cfg)
+    assert policy.default.rate == 0.5 and policy.codec_for("0.weight").density == 0.01
+    assert load_config(None, ["sync.schedule=periodic", "sync.period=128"]).sync.period == 128
+    with pytest.raises(ConfigError, match=re.escape("1 <= p_min <= period <= p_max with schedule adaptive")):
+        load_config(None, ["sync.schedule=adaptive", "sync.period=128"])
+    assert load_config(None, ["trainer=ddp", "ddp.hook=powersgd"]).ddp.hook == "powersgd"  # defaults are fine

@@ -58,3 +58,18 @@ def test_pyproject_lists_every_package_folder():
     assert found - listed == set(), "folders missing from [tool.setuptools] packages"
     assert all((REPO / p.replace(".", "/")).is_dir() or p in mapped.values() or p == "rayq.resources"
                for p in listed)
+
+
+def test_the_readmes_codec_distortions_are_what_the_codecs_measure():
+    """The figures behind "error feedback needs a contractive codec" are each codec's measured Gaussian
+    distortion (the same one the config error quotes), to the digits the README gives."""
+    from compressors import make_codec
+
+    text = (REPO / "README.md").read_text()
+    found = re.search(r"QSGD at its default 7 levels leaves ([\d.]+)× the input's energy as error, vqSGD ([\d.]+)×, "
+                      r"rescaled random-k ([\d.]+)×.*?QSGD at 15 levels leaves ([\d.]+)×", text, re.S)
+    assert found, "the README's distortion sentence moved: update this test"
+    codecs = [make_codec("qsgd"), make_codec("vqsgd"), make_codec("randomk"), make_codec("qsgd", {"levels": 15})]
+    for written, codec in zip(found.groups(), codecs):
+        digits = len(written.split(".")[1])
+        assert float(written) == round(codec.gaussian_distortion(), digits), (codec.spec, written)

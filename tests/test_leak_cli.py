@@ -40,7 +40,10 @@ def test_a_random_spec_draws_from_the_listed_bit_widths():
 
 @pytest.mark.parametrize("text, match", [("qsdg", "qsdg"), ("int8:bits", "not key=value"),
                                          ("int8:levels=3", "levels"), ("mixed:*=int8", "at least one"),
-                                         ("mixed:0.*=int8/loud", "per_channel")])
+                                         ("mixed:0.*=int8/loud", "per_channel"),
+                                         ("mixed:*=int8/bits=2", "a '\\*=' rule alone is a plain spec"),
+                                         ("topk:ef=maybe", "choose one of: off, first, steady"),
+                                         ("random:per_channel=maybe", "per_channel='maybe' must be true or false")])
 def test_a_bad_spec_is_an_error_that_names_it(text, match):
     with pytest.raises(SpecError, match=match):
         parse_codec(text)

@@ -19,7 +19,7 @@ from rayq.launch.bench import bench_commands, output_dir
 
 #: name -> config overrides (on top of --set and the common settings).
 RUNS: dict[str, list[str]] = {
-    "ddp-allreduce": ["trainer=ddp", "ddp.hook=allreduce", "ddp.native_overlap=true", "compression.codec=none"],
+    "ddp-allreduce": ["trainer=ddp", "ddp.hook=allreduce", "ddp.native_overlap=true"],
     "rayq-none": ["compression.codec=none"],
     "rayq-none-overlap": ["compression.codec=none", "compression.overlap=true", "compression.bucket_mb=1",
                           "compression.min_numel=0"],

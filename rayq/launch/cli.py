@@ -121,7 +121,9 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayq", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rayq", description="Data-parallel training on Ray with compressed gradient exchange: train, tune, "
+        "benchmark, measure leakage, and submit any of these as a Ray job. `rayq COMMAND --help` for each.")
     parser.add_argument("--version", action="version", version=f"rayq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -93,7 +93,8 @@ def parse_codec(spec: str) -> Any:
                 else:
                     rules.append(LayerRule(pattern, codec, tuple(sorted(params.items())), per_channel=bool(flags)))
             if not rules:
-                raise SpecError(f"--codec {spec!r}: a mixed spec needs at least one PATTERN=CODEC rule")
+                raise SpecError(f"--codec {spec!r}: a mixed spec needs at least one PATTERN=CODEC rule for a layer "
+                                "pattern other than '*' (a '*=' rule alone is a plain spec, e.g. int8:bits=2)")
             label = ",".join([f"{r.pattern}:{_short(r.codec, dict(r.params))}{'/pc' if r.per_channel else ''}"
                               for r in rules] + ([] if rules[-1].pattern == "*" else [f"*:{_short(*default)}"]))
             return CodecSpec(codec=default[0], params=tuple(sorted(default[1].items())), rules=tuple(rules),

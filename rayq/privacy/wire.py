@@ -77,6 +77,8 @@ class RandomPrecision:
         bad_modes = [m for m in self.modes if m not in ("symmetric", "affine")]
         if not self.modes or bad_modes:
             raise ValueError(f"RandomPrecision modes={self.modes} must be non-empty, from: symmetric, affine")
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"RandomPrecision per_channel={self.per_channel!r} must be true or false")
 
     def draw(self, name: str, step: int) -> tuple[str, dict[str, Any]]:
         """The (codec, params) of parameter ``name`` at round ``step``: reproducible from the seed."""
@@ -111,6 +113,9 @@ class CodecSpec:
     label: str = ""
 
     def __post_init__(self) -> None:
+        modes = [m.value for m in ErrorFeedbackMode]
+        if self.error_feedback not in modes and self.error_feedback not in list(ErrorFeedbackMode):
+            raise ValueError(f"error feedback {self.error_feedback!r} is not a mode; choose one of: {', '.join(modes)}")
         object.__setattr__(self, "error_feedback", ErrorFeedbackMode(self.error_feedback))
         if self.warmup_rounds < 0:
             raise ValueError(f"warmup_rounds={self.warmup_rounds} must be >= 0")
